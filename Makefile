@@ -1,0 +1,41 @@
+# One entry point for a new machine: `make demo` and `make test` create the virtualenv,
+# install everything from this repository's own files, then run.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEPS_STAMP := $(VENV)/.deps-installed
+
+.PHONY: install demo serve test lint format bench-smoke clean
+
+$(DEPS_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt ".[server,dev]"
+	touch $@
+
+# Our own code is installed non-editable (the folders map onto one namespace, uro_recs),
+# so every target refreshes it.
+install: $(DEPS_STAMP)
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall . 2>&1 | grep -v -i warning || true
+
+demo: install
+	$(BIN)/uro-recs demo --once
+
+serve: install
+	$(BIN)/uro-recs demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p uro_recs
+	$(BIN)/mypy tests
+
+test: lint
+	$(BIN)/python -m pytest -ra
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

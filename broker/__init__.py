@@ -1,0 +1,1 @@
+"""The ZeroMQ broker: client front end, worker back end, control endpoint."""

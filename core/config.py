@@ -1,0 +1,136 @@
+"""Configuration: one TOML file plus environment overrides, typed, defaults written once.
+
+Every setting can be overridden by `URO_RECS_<SECTION>_<FIELD>` (for example
+`URO_RECS_BROKER_QUEUE_LIMIT=50`); top-level settings by `URO_RECS_<FIELD>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    tcp_endpoint: str = ""  # optional loopback TCP front end, e.g. "tcp://127.0.0.1:5555"
+    heartbeat_ms: int = 500  # both ways; a peer silent for `liveness` intervals is dead
+    liveness: int = 3
+    queue_limit: int = 1_000  # waiting requests per model; beyond it: "overloaded"
+    default_timeout_ms: int = 5_000  # budget of a request that names none
+    max_message_bytes: int = 1 << 20  # larger client messages get "too_large"
+    drain_timeout_s: float = 10.0  # on SIGTERM, time allowed to finish accepted requests
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    slots: int = 32  # requests the broker may hand this worker at once (its credits)
+    threads: int = 1  # TF / torch / BLAS threads per worker
+    max_batch_delay_ms: float = 0.0  # wait this long for more requests to batch together
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: str = ""  # empty: the store's CURRENT version
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: Path = Path("var/run")  # holds the IPC sockets
+    store: Path = Path("var/store")  # the model store: <store>/<model>/<version>/
+    log_format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"ipc://{self.run_dir.absolute() / 'client.sock'}"
+
+    @property
+    def worker_endpoint(self) -> str:
+        return f"ipc://{self.run_dir.absolute() / 'workers.sock'}"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.run_dir.absolute() / 'control.sock'}"
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return ModelConfig(name=name)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    try:
+        if kind is Path:
+            return Path(value)
+        if kind in (int, float, str):
+            return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported setting type {kind}")
+
+
+def _section(
+    cls: type[Any], data: Mapping[str, Any], env_prefix: str | None, where: str
+) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind) or f.name == "models":
+            continue
+        env_name = f"{env_prefix}{f.name.upper()}" if env_prefix else ""
+        env_value = os.environ.get(env_name) if env_name else None
+        if env_value is not None:
+            values[f.name] = _coerce(env_value, kind, env_name)
+        elif f.name in data:
+            values[f.name] = _coerce(data[f.name], kind, f"{where}{f.name}")
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if cls is ModelConfig and "name" not in data:
+        raise ConfigError(f"{where}name: every model needs a name")
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown settings {sorted(unknown)}")
+    return values
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the TOML file (if any), then apply environment overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    top = _section(Config, data, "URO_RECS_", "")
+    broker = BrokerConfig(
+        **_section(BrokerConfig, data.get("broker", {}), "URO_RECS_BROKER_", "broker.")
+    )
+    worker = WorkerConfig(
+        **_section(WorkerConfig, data.get("worker", {}), "URO_RECS_WORKER_", "worker.")
+    )
+    models = tuple(
+        ModelConfig(**_section(ModelConfig, entry, None, f"models[{i}]."))
+        for i, entry in enumerate(data.get("models", []))
+    )
+    return Config(**top, broker=broker, worker=worker, models=models)

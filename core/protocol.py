@@ -1,0 +1,410 @@
+"""Wire protocol v1: frame layout, msgpack bodies, validation and error codes.
+
+Bytes in, typed values out; typed values in, bytes out. No socket code lives here, so the
+broker, the workers, the SDK and the test vectors all share one implementation of the
+contract written down in docs/PROTOCOL.md. Malformed input raises `ProtocolError`, which
+the caller turns into an error reply.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NoReturn, TypeAlias
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+MAX_USERS_PER_REQUEST = 1_000
+MAX_ITEMS_PER_REQUEST = 10_000
+MAX_N = 1_000
+MAX_TIMEOUT_MS = 3_600_000
+DEFAULT_N = 10
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+Id: TypeAlias = str | int
+RequestId: TypeAlias = str | int
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"  # the request is malformed: fix it
+    TOO_LARGE = "too_large"  # the message is over the size limit
+    UNSUPPORTED_VERSION = "unsupported_version"  # "v" is not a version this server speaks
+    UNKNOWN_OP = "unknown_op"  # "op" names no operation
+    UNKNOWN_MODEL = "unknown_model"  # no model of that name is configured or announced
+    UNSUPPORTED = "unsupported"  # the model cannot do this op (similar_items without embeddings)
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the timeout passed before an answer was ready
+    OVERLOADED = "overloaded"  # the model's queue is full
+    UNAVAILABLE = "unavailable"  # the broker is draining or the model has no live worker
+    WORKER_LOST = "worker_lost"  # its worker died and it could not be redelivered
+    INTERNAL = "internal"  # a bug or unexpected failure on the server side
+
+
+RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE, ErrorCode.WORKER_LOST})
+
+
+class Op(StrEnum):
+    RECOMMEND = "recommend"
+    PREDICT = "predict"
+    SIMILAR_ITEMS = "similar_items"
+    INFO = "info"
+    STATS = "stats"
+
+
+MODEL_OPS = frozenset({Op.RECOMMEND, Op.PREDICT, Op.SIMILAR_ITEMS})
+
+
+class ProtocolError(Exception):
+    """Malformed or unacceptable input; becomes an error reply with `code`."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: RequestId | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# --- request arguments -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendArgs:
+    users: tuple[Id, ...]
+    many: bool  # asked with "users" (reply lists results) rather than "user"
+    n: int
+    filter_consumed: bool
+    exclude: frozenset[Id]
+
+
+@dataclass(frozen=True, slots=True)
+class PredictArgs:
+    user: Id
+    items: tuple[Id, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SimilarItemsArgs:
+    item: Id
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    pass
+
+
+OpArgs: TypeAlias = RecommendArgs | PredictArgs | SimilarItemsArgs | NoArgs
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: RequestId
+    op: Op
+    model: str | None
+    args: OpArgs
+    timeout_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: ErrorCode
+    message: str
+    retry: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: RequestId | None
+    result: dict[str, Any] | None  # set when ok
+    error: Error | None  # set when not ok
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --- msgpack ------------------------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, ext_hook=_reject_ext, timestamp=0)
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# --- field validation ------------------------------------------------------------------
+
+
+def _fail(message: str, request_id: RequestId | None = None) -> NoReturn:
+    raise ProtocolError(ErrorCode.BAD_REQUEST, message, request_id)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entity_id(value: object, field: str, rid: RequestId) -> Id:
+    if isinstance(value, str):
+        if not 0 < len(value) <= MAX_ID_CHARS:
+            _fail(f"{field}: ids are 1..{MAX_ID_CHARS} characters", rid)
+        return value
+    if _is_int(value):
+        assert isinstance(value, int)
+        return value
+    _fail(f"{field}: an id is a string or an integer, got {type(value).__name__}", rid)
+
+
+def _id_list(value: object, field: str, limit: int, rid: RequestId) -> tuple[Id, ...]:
+    if not isinstance(value, list):
+        _fail(f"{field}: expected an array of ids", rid)
+    if len(value) > limit:
+        _fail(f"{field}: at most {limit} ids", rid)
+    return tuple(_entity_id(v, field, rid) for v in value)
+
+
+def _count(args: Mapping[str, Any], rid: RequestId) -> int:
+    n = args.get("n", DEFAULT_N)
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        _fail(f"n: expected an integer in 1..{MAX_N}", rid)
+    return int(n)
+
+
+def _bool(args: Mapping[str, Any], field: str, default: bool, rid: RequestId) -> bool:
+    value = args.get(field, default)
+    if not isinstance(value, bool):
+        _fail(f"{field}: expected a boolean", rid)
+    return value
+
+
+def _recommend_args(args: Mapping[str, Any], rid: RequestId) -> RecommendArgs:
+    if ("user" in args) == ("users" in args):
+        _fail("recommend takes exactly one of 'user' or 'users'", rid)
+    many = "users" in args
+    if many:
+        users = _id_list(args["users"], "users", MAX_USERS_PER_REQUEST, rid)
+        if not users:
+            _fail("users: expected at least one id", rid)
+    else:
+        users = (_entity_id(args["user"], "user", rid),)
+    exclude = _id_list(args.get("exclude", []), "exclude", MAX_ITEMS_PER_REQUEST, rid)
+    return RecommendArgs(
+        users=users,
+        many=many,
+        n=_count(args, rid),
+        filter_consumed=_bool(args, "filter_consumed", True, rid),
+        exclude=frozenset(exclude),
+    )
+
+
+def _predict_args(args: Mapping[str, Any], rid: RequestId) -> PredictArgs:
+    if "user" not in args or "items" not in args:
+        _fail("predict takes 'user' and 'items'", rid)
+    items = _id_list(args["items"], "items", MAX_ITEMS_PER_REQUEST, rid)
+    if not items:
+        _fail("items: expected at least one id", rid)
+    return PredictArgs(user=_entity_id(args["user"], "user", rid), items=items)
+
+
+def _similar_items_args(args: Mapping[str, Any], rid: RequestId) -> SimilarItemsArgs:
+    if "item" not in args:
+        _fail("similar_items takes 'item'", rid)
+    return SimilarItemsArgs(item=_entity_id(args["item"], "item", rid), n=_count(args, rid))
+
+
+def _op_args(op: Op, args: Mapping[str, Any], rid: RequestId) -> OpArgs:
+    if op is Op.RECOMMEND:
+        return _recommend_args(args, rid)
+    if op is Op.PREDICT:
+        return _predict_args(args, rid)
+    if op is Op.SIMILAR_ITEMS:
+        return _similar_items_args(args, rid)
+    return NoArgs()
+
+
+def _request_id(body: Mapping[Any, Any]) -> RequestId | None:
+    """The request id if the body carries a valid one, so even bad requests can be answered."""
+    rid = body.get("id")
+    if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID_CHARS:
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool) and INT64_MIN <= rid <= INT64_MAX:
+        return rid
+    return None
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+def decode_request(body: bytes, max_bytes: int) -> Request:
+    """Decode and validate one request body (the msgpack frame)."""
+    if len(body) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message is over the {max_bytes} byte limit")
+    try:
+        obj = _unpack(body)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        _fail(f"body must be a msgpack map, got {type(obj).__name__}")
+    rid = _request_id(obj)
+    if rid is None:
+        _fail(f"id: expected an integer or a string of at most {MAX_REQUEST_ID_CHARS} chars")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION or not _is_int(version):
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this server speaks v1",
+            rid,
+        )
+    op_name = obj.get("op")
+    if not isinstance(op_name, str):
+        _fail("op: expected a string", rid)
+    try:
+        op = Op(op_name)
+    except ValueError:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r}", rid) from None
+    model = obj.get("model")
+    if op in MODEL_OPS and not isinstance(model, str):
+        _fail("model: expected a string naming the model", rid)
+    if model is not None and not isinstance(model, str):
+        _fail("model: expected a string", rid)
+    timeout_ms = obj.get("timeout_ms")
+    if timeout_ms is not None and (not _is_int(timeout_ms) or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
+        _fail(f"timeout_ms: expected an integer in 1..{MAX_TIMEOUT_MS}", rid)
+    args = obj.get("args", {})
+    if not isinstance(args, dict):
+        _fail("args: expected a map", rid)
+    return Request(id=rid, op=op, model=model, args=_op_args(op, args, rid), timeout_ms=timeout_ms)
+
+
+def encode_request(
+    request_id: RequestId,
+    op: str,
+    model: str | None = None,
+    args: Mapping[str, Any] | None = None,
+    timeout_ms: int | None = None,
+) -> bytes:
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    if model is not None:
+        body["model"] = model
+    body["args"] = dict(args or {})
+    if timeout_ms is not None:
+        body["timeout_ms"] = timeout_ms
+    return _pack(body)
+
+
+# --- replies ------------------------------------------------------------------------------
+
+
+def encode_ok(request_id: RequestId, result: Mapping[str, Any]) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result})
+
+
+def encode_error(request_id: RequestId | None, code: ErrorCode, message: str) -> bytes:
+    error = {"code": code.value, "message": message, "retry": code in RETRYABLE_CODES}
+    return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error})
+
+
+def encode_protocol_error(error: ProtocolError) -> bytes:
+    return encode_error(error.request_id, error.code, error.message)
+
+
+def decode_reply(body: bytes) -> Reply:
+    """Decode a reply body; a reply that breaks the contract raises ProtocolError(INTERNAL)."""
+    try:
+        obj = _unpack(body)
+    except Exception as exc:
+        raise ProtocolError(ErrorCode.INTERNAL, f"reply is not valid msgpack: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.INTERNAL, "reply is not a v1 reply map")
+    rid = _request_id(obj)
+    if obj.get("ok") is True and isinstance(obj.get("result"), dict):
+        return Reply(id=rid, result=obj["result"], error=None)
+    err = obj.get("error")
+    if obj.get("ok") is False and isinstance(err, dict):
+        try:
+            code = ErrorCode(str(err.get("code")))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        message = err.get("message")
+        text = message if isinstance(message, str) else ""
+        return Reply(id=rid, result=None, error=Error(code, text, err.get("retry") is True))
+    raise ProtocolError(ErrorCode.INTERNAL, "reply has neither a result nor an error", rid)
+
+
+# --- client frames ------------------------------------------------------------------------
+# After the ROUTER's identity frame a client message is exactly [b"", body]: the empty
+# delimiter that a REQ socket adds by itself, then one msgpack frame.
+
+
+def client_body(frames: Sequence[bytes]) -> bytes:
+    """The body of a client message (identity frame already removed)."""
+    if len(frames) != 2 or frames[0] != b"":
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"expected 2 frames (empty delimiter, msgpack body), got {len(frames)}",
+        )
+    return frames[1]
+
+
+# --- broker <-> worker --------------------------------------------------------------------
+# Every worker-side message starts with WORKER_PROTOCOL and a one-byte command.
+
+WORKER_PROTOCOL = b"URW1"
+
+
+READY = b"\x01"  # worker -> broker: [URW1, READY, msgpack{model, version, slots, info}]
+REQUEST = b"\x02"  # broker -> worker: [URW1, REQUEST, seq u64, deadline_us u64, body]
+REPLY = b"\x03"  # worker -> broker: [URW1, REPLY, seq u64, body]
+HEARTBEAT = b"\x04"  # both ways: [URW1, HEARTBEAT]
+DISCONNECT = b"\x05"  # both ways: [URW1, DISCONNECT]; worker: draining, broker: re-register
+
+_U64 = struct.Struct(">Q")
+
+
+def pack_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def unpack_u64(frame: bytes) -> int:
+    if len(frame) != 8:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "expected an 8-byte integer frame")
+    return int(_U64.unpack(frame)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHello:
+    model: str
+    version: str
+    slots: int
+    info: dict[str, Any]
+
+
+def encode_ready(hello: WorkerHello) -> list[bytes]:
+    meta = {"model": hello.model, "version": hello.version, "slots": hello.slots}
+    return [WORKER_PROTOCOL, READY, _pack({**meta, "info": hello.info})]
+
+
+def decode_ready(frame: bytes) -> WorkerHello:
+    try:
+        meta = _unpack(frame)
+    except Exception as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"READY is not msgpack: {exc}") from None
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("model"), str)
+        and isinstance(meta.get("version"), str)
+        and _is_int(meta.get("slots"))
+        and meta["slots"] > 0
+        and isinstance(meta.get("info"), dict)
+    ):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "READY needs model, version, slots > 0, info")
+    return WorkerHello(meta["model"], meta["version"], meta["slots"], meta["info"])

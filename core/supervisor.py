@@ -1,0 +1,113 @@
+"""`uro-recs serve`: run the broker plus N workers per model, restarting crashed workers.
+
+In production systemd takes this role (systemd/); this is for development, the demo and the
+tests. Stop order matters: the broker drains first (its workers finish what it holds), then the
+workers are told to stop.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from uro_recs.config import Config
+
+log = structlog.get_logger("uro_recs.supervisor")
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a child that ran this long restarts from the shortest backoff again
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        log.info("child_started", child=self.name, pid=self.process.pid)
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        base = [sys.executable, "-m", "uro_recs.cli"]
+        if config_path is not None:
+            base += ["--config", str(config_path)]
+        self.broker = Child("broker", [*base, "broker"])
+        self.workers = [
+            Child(f"worker-{model.name}-{i}", [*base, "worker", "--model", model.name])
+            for model in config.models
+            for i in range(1, model.workers + 1)
+        ]
+        self.stopping = False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self._request_stop())
+        self.broker.start()
+        for child in self.workers:
+            child.start()
+        while not self.stopping:
+            self._watch(self.broker)
+            for child in self.workers:
+                self._watch(child)
+            time.sleep(0.1)
+        return self._stop()
+
+    def _request_stop(self) -> None:
+        self.stopping = True
+
+    def _watch(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.process is None:
+            if now >= child.restart_at:
+                child.start()
+            return
+        code = child.process.poll()
+        if code is None:
+            return
+        ran_s = now - child.started_at
+        child.failures = 1 if ran_s >= HEALTHY_AFTER_S else child.failures + 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (child.failures - 1))
+        log.warning(
+            "child_exited", child=child.name, code=code, ran_s=round(ran_s, 2), restart_in_s=delay
+        )
+        child.process = None
+        child.restart_at = now + delay
+
+    def _stop(self) -> int:
+        log.info("supervisor_stopping")
+        self._terminate([self.broker], self.config.broker.drain_timeout_s + 5)
+        self._terminate(self.workers, self.config.worker.drain_timeout_s + 5)
+        broker_code = self.broker.process.returncode if self.broker.process else 0
+        log.info("supervisor_stopped", broker_exit=broker_code)
+        return 0 if broker_code in (0, None) else 1
+
+    @staticmethod
+    def _terminate(children: list[Child], timeout_s: float) -> None:
+        running = [
+            c.process for c in children if c.process is not None and c.process.poll() is None
+        ]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("child_killed", pid=process.pid)
+                process.kill()
+                process.wait()

@@ -1,0 +1,139 @@
+"""Real broker and worker processes for integration tests."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgpack
+import zmq
+
+from uro_recs import protocol
+
+
+class Cluster:
+    """A broker process plus worker processes, configured through one TOML file."""
+
+    def __init__(
+        self,
+        store: Path,
+        models: dict[str, int],
+        *,
+        broker: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+    ) -> None:
+        # IPC paths are limited to ~107 bytes: keep the sockets in a short temporary path.
+        self.root = Path(tempfile.mkdtemp(prefix="ur-"))
+        self.run_dir = self.root / "run"
+        self.config_path = self.root / "uro-recs.toml"
+        lines = [f'run_dir = "{self.run_dir}"', f'store = "{store}"', 'log_format = "json"']
+        for section, values in (("broker", broker or {}), ("worker", worker or {})):
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+        for name, count in models.items():
+            lines += ["[[models]]", f'name = "{name}"', f"workers = {count}"]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.models = models
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.client_endpoint = f"ipc://{self.run_dir / 'client.sock'}"
+        self.control_endpoint = f"ipc://{self.run_dir / 'control.sock'}"
+        self.context = zmq.Context()
+
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path), *args]
+        with (self.root / f"{args[0]}-{time.monotonic_ns()}.log").open("wb") as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self, wait: bool = True) -> Cluster:
+        self.broker = self._spawn("broker")
+        for name, count in self.models.items():
+            for _ in range(count):
+                self.workers.append(self._spawn("worker", "--model", name))
+        if wait:
+            self.wait_for_workers({name: count for name, count in self.models.items()})
+        return self
+
+    def start_worker(self, model: str) -> subprocess.Popen[bytes]:
+        process = self._spawn("worker", "--model", model)
+        self.workers.append(process)
+        return process
+
+    def call(self, op: str, timeout_s: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """One request on a fresh DEALER socket; returns the decoded reply map."""
+        with self.context.socket(zmq.DEALER) as sock:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(fields.pop("endpoint", self.client_endpoint))
+            sock.send_multipart([b"", protocol.encode_request(1, op, **fields)])
+            if not sock.poll(int(timeout_s * 1000)):
+                raise TimeoutError(f"no reply to {op} within {timeout_s} s")
+            _, body = sock.recv_multipart()
+            reply: dict[str, Any] = msgpack.unpackb(body)
+            return reply
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("stats", endpoint=self.control_endpoint)["result"]
+        return result
+
+    def wait_for_workers(self, expected: dict[str, int], timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_broker_alive()
+            try:
+                models = self.stats()["models"]
+            except TimeoutError:
+                models = {}
+            if all(models.get(m, {}).get("workers", 0) >= n for m, n in expected.items()):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"workers {expected} not ready in {timeout_s} s; logs in {self.root}")
+
+    def _check_broker_alive(self) -> None:
+        assert self.broker is not None
+        if self.broker.poll() is not None:
+            raise RuntimeError(f"broker exited with {self.broker.returncode}; logs in {self.root}")
+
+    def stop(self) -> None:
+        for process in [*([self.broker] if self.broker else []), *self.workers]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*([self.broker] if self.broker else []), *self.workers]:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.context.destroy(linger=0)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.root.glob("*.log")))
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            print(self.logs()[-20_000:])
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)

@@ -1,0 +1,261 @@
+"""The broker and workers as real processes on real IPC sockets, serving real libreco models."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from tests.cluster import Cluster
+from uro_recs import protocol
+
+
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _send(sock: zmq.Socket[bytes], request_id: int, op: str, **fields: Any) -> None:
+    sock.send_multipart([b"", protocol.encode_request(request_id, op, **fields)])
+
+
+def _collect(sock: zmq.Socket[bytes], count: int, timeout_s: float) -> dict[Any, dict[str, Any]]:
+    """Read `count` replies, keyed by request id (fails on a duplicate or a missing reply)."""
+    replies: dict[Any, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(replies) < count:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not sock.poll(remaining_ms):
+            raise AssertionError(f"only {len(replies)} of {count} replies in {timeout_s} s")
+        frames = sock.recv_multipart()
+        assert frames[0] == b""
+        reply = msgpack.unpackb(frames[1])
+        assert reply["id"] not in replies, f"duplicate reply for {reply['id']}"
+        replies[reply["id"]] = reply
+    return replies
+
+
+@pytest.fixture
+def users(demo_users: list[str]) -> list[str]:
+    return demo_users
+
+
+def test_kill_9_of_one_of_two_workers_loses_none_of_200_requests(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 2}, worker={"slots": 4}).start() as cluster:
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        victim = cluster.workers[0]
+        for i in range(200):
+            args = {"user": users[i % len(users)], "n": 10}
+            _send(sock, i, "recommend", model="als", args=args, timeout_ms=10_000)
+            if i == 20:
+                os.kill(victim.pid, signal.SIGKILL)
+        replies = _collect(sock, 200, timeout_s=20)
+        failed = {i: r["error"] for i, r in replies.items() if not r["ok"]}
+        assert failed == {}
+        assert victim.wait(timeout=5) == -signal.SIGKILL
+        stats = cluster.stats()
+        assert stats["models"]["als"]["workers"] == 1
+        assert stats["counters"]["workers_lost"] == 1
+        sock.close()
+
+
+def test_request_whose_deadline_passes_in_the_queue_is_answered_and_never_run(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 1}, worker={"slots": 2}).start() as cluster:
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        worker = cluster.workers[0]
+        os.kill(worker.pid, signal.SIGSTOP)  # the worker holds 2, the other 8 wait in the queue
+        try:
+            for i in range(10):
+                _send(sock, i, "recommend", model="als", args={"user": users[i]}, timeout_ms=100)
+            started = time.monotonic()
+            queued = _collect(sock, 8, timeout_s=2)
+            assert time.monotonic() - started < 0.5
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        held = _collect(sock, 2, timeout_s=5)
+        replies = {**queued, **held}
+        assert sorted(replies) == list(range(10))
+        codes = {r["error"]["code"] for r in replies.values()}
+        assert codes == {"deadline_exceeded"}, replies
+        stats = cluster.stats()
+        assert stats["counters"]["answered_deadline_exceeded"] == 8  # in the broker's queue
+        assert stats["models"]["als"]["workers"] == 1
+        sock.close()
+
+
+def test_burst_of_1000_against_queue_limit_10_is_answered_or_rejected_quickly(
+    trained_store: Path, users: list[str]
+) -> None:
+    config = {"queue_limit": 10}
+    with Cluster(trained_store, {"als": 1}, broker=config, worker={"slots": 4}).start() as cluster:
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        started = time.monotonic()
+        for i in range(1000):
+            args = {"user": users[i % len(users)]}
+            _send(sock, i, "recommend", model="als", args=args, timeout_ms=10_000)
+        replies = _collect(sock, 1000, timeout_s=20)
+        elapsed = time.monotonic() - started
+        ok = [r for r in replies.values() if r["ok"]]
+        overloaded = [r for r in replies.values() if not r["ok"]]
+        assert {r["error"]["code"] for r in overloaded} == {"overloaded"}
+        assert all(r["error"]["retry"] for r in overloaded)
+        assert len(ok) >= 14  # at least the 4 slots plus the 10 queued
+        assert len(overloaded) > 500
+        assert elapsed < 10
+        after = cluster.call("recommend", model="als", args={"user": users[0]})
+        assert after["ok"], after
+        sock.close()
+
+
+def test_garbage_then_a_valid_request_gets_errors_then_an_answer(
+    trained_store: Path, users: list[str]
+) -> None:
+    max_bytes = 64 * 1024
+    broker = {"max_message_bytes": max_bytes}
+    with Cluster(trained_store, {"als": 1}, broker=broker).start() as cluster:
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        rng = random.Random(3)
+        valid = protocol.encode_request(99, "recommend", "als", {"user": users[0]})
+        garbage: list[list[bytes]] = [
+            [b"", rng.randbytes(200)],
+            [b"", valid[:-7]],
+            [b"", msgpack.packb({"v": 1, "id": 5, "op": "recommend", "model": 3})],
+            [b"", msgpack.packb({"v": 1, "id": 6, "op": "recommend", "model": "als", "args": []})],
+            [b"", msgpack.packb({"v": 1, "id": 7, "op": "stats", "pad": "x" * max_bytes})],
+            [b"", valid, b"extra frame"],
+            [valid],
+        ]
+        for frames in garbage:
+            sock.send_multipart(frames)
+        errors = [msgpack.unpackb(sock.recv_multipart()[1]) for _ in garbage]
+        assert [e["error"]["code"] for e in errors] == [
+            "bad_request",
+            "bad_request",
+            "bad_request",
+            "bad_request",
+            "too_large",
+            "bad_request",
+            "bad_request",
+        ]
+        sock.send_multipart([b"", valid])
+        reply = _collect(sock, 1, timeout_s=5)[99]
+        assert reply["ok"] and len(reply["result"]["items"]) == 10
+        stats = cluster.stats()
+        assert stats["counters"]["rejected_bad_request"] == 6
+        assert stats["counters"]["rejected_too_large"] == 1
+        sock.close()
+
+
+def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 1}, worker={"slots": 2}).start() as cluster:
+        assert cluster.broker is not None
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        worker = cluster.workers[0]
+        os.kill(worker.pid, signal.SIGSTOP)  # hold 50 accepted requests in flight and queued
+        for i in range(50):
+            _send(sock, i, "recommend", model="als", args={"user": users[i]}, timeout_ms=10_000)
+        time.sleep(0.2)
+        cluster.broker.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        _send(sock, 1000, "recommend", model="als", args={"user": users[0]}, timeout_ms=10_000)
+        refused = _collect(sock, 1, timeout_s=2)
+        assert refused[1000]["error"]["code"] == "unavailable"
+        assert refused[1000]["error"]["retry"] is True
+        os.kill(worker.pid, signal.SIGCONT)
+        accepted = _collect(sock, 50, timeout_s=10)
+        assert all(r["ok"] for r in accepted.values()), accepted
+        assert cluster.broker.wait(timeout=10) == 0
+        sock.close()
+
+
+def test_req_socket_speaks_the_protocol(trained_store: Path, users: list[str]) -> None:
+    with Cluster(trained_store, {"als": 1}).start() as cluster:
+        req = cluster.context.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(cluster.client_endpoint)
+        req.send(protocol.encode_request("r-1", "recommend", "als", {"user": users[1], "n": 3}))
+        assert req.poll(5000)
+        reply = protocol.decode_reply(req.recv())
+        assert reply.id == "r-1" and reply.result is not None
+        assert len(reply.result["items"]) == 3
+        req.close()
+
+
+class ZmtpDealer:
+    """A hand-written ZMTP 3.0 DEALER over a Unix socket: the bytes docs/PROTOCOL.md gives."""
+
+    GREETING = (
+        b"\xff" + b"\x00" * 7 + b"\x01\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00"
+    ) + b"\x00" * 31
+    READY = bytes.fromhex("041c055245414459") + b"\x0bSocket-Type" + b"\x00\x00\x00\x06DEALER"
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.sock.sendall(self.GREETING)
+        peer = self._read(64)
+        assert peer[0] == 0xFF and peer[9] == 0x7F and peer[10] == 3
+        self.sock.sendall(self.READY)
+        flags, body = self._frame()
+        assert flags & 0x04 and body[1:6] == b"READY" and b"ROUTER" in body
+
+    def _read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    def _frame(self) -> tuple[int, bytes]:
+        flags = self._read(1)[0]
+        size = struct.unpack(">Q", self._read(8))[0] if flags & 0x02 else self._read(1)[0]
+        return flags, self._read(size)
+
+    def request(self, body: bytes) -> bytes:
+        size = len(body)
+        head = bytes([0, size]) if size < 256 else b"\x02" + struct.pack(">Q", size)
+        self.sock.sendall(b"\x01\x00" + head + body)
+        frames: list[bytes] = []
+        while True:
+            flags, data = self._frame()
+            if flags & 0x04:
+                continue  # a command (PING): not part of the message
+            frames.append(data)
+            if not flags & 0x01:
+                break
+        assert frames[0] == b"" and len(frames) == 2
+        return frames[1]
+
+
+def test_hand_written_zmtp_client_gets_an_answer(trained_store: Path, users: list[str]) -> None:
+    with Cluster(trained_store, {"als": 1}).start() as cluster:
+        client = ZmtpDealer(str(cluster.run_dir / "client.sock"))
+        body = protocol.encode_request(7, "recommend", "als", {"user": users[2], "n": 4})
+        reply = protocol.decode_reply(client.request(body))
+        assert reply.id == 7 and reply.result is not None
+        assert len(reply.result["items"]) == 4
+        long_body = protocol.encode_request(8, "predict", "als", {"user": users[2], "items": users})
+        assert len(long_body) >= 256  # exercises the 8-byte frame size
+        predicted = protocol.decode_reply(client.request(long_body))
+        assert predicted.id == 8 and predicted.result is not None
+        assert predicted.result["scores"] == [None] * len(users)  # user ids are not items
+        client.sock.close()

@@ -1,0 +1,313 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import Reference
+from uro_recs.worker.engine import (
+    BadArgument,
+    Engine,
+    RecommendQuery,
+    UnknownItem,
+    Unsupported,
+    load_engine,
+    quiet,
+)
+from uro_recs.worker.model_store import StoreCorrupt, current_version, verify, version_dir
+from uro_recs.worker.training import train_model
+
+# isort: split
+import tensorflow as tf
+from libreco.data import split_by_ratio_chrono
+
+MODELS = ("als", "deepfm")
+
+
+@pytest.fixture(scope="module")
+def engines(trained_store: Path) -> dict[str, Engine]:
+    return {name: load_engine(trained_store, name) for name in MODELS}
+
+
+@pytest.fixture
+def store_copy(trained_store: Path, tmp_path: Path) -> Iterator[Path]:
+    shutil.copytree(trained_store / "als", tmp_path / "als")
+    yield tmp_path
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("filter_consumed", [True, False])
+def test_recommend_for_known_users_equals_libreco_single_user_calls(
+    engines: dict[str, Engine],
+    references: dict[str, Reference],
+    name: str,
+    filter_consumed: bool,
+) -> None:
+    reference = references[name]
+    answers = engines[name].recommend(reference.users, 10, filter_consumed)
+
+    assert len(answers) == 50
+    for user, answer in zip(reference.users, answers, strict=True):
+        assert answer.items == reference.recommend(user, 10, filter_consumed)
+        assert answer.cold_start is False
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_libreco_top_n_is_the_prefix_of_a_longer_top_n(
+    references: dict[str, Reference], name: str
+) -> None:
+    # The engine relies on this to serve mixed n (and exclusions) from one libreco call.
+    reference = references[name]
+    for user in reference.users:
+        top10 = reference.recommend(user, 10)
+        for longer in (11, 17, 100):
+            assert reference.recommend(user, longer)[:10] == top10
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_recommend_batch_with_mixed_options_equals_single_calls(
+    engines: dict[str, Engine], references: dict[str, Reference], name: str
+) -> None:
+    reference = references[name]
+    queries = [
+        RecommendQuery(user, n=[1, 5, 10, 37][k % 4], filter_consumed=k % 3 != 0)
+        for k, user in enumerate(reference.users)
+    ]
+    queries.append(queries[0])  # the same user twice in one batch
+
+    answers = engines[name].recommend_batch(queries)
+
+    for query, answer in zip(queries, answers, strict=True):
+        assert isinstance(query.user, str)
+        assert answer.items == reference.recommend(query.user, query.n, query.filter_consumed)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_excluded_items_are_dropped_and_the_list_is_refilled_to_n(
+    engines: dict[str, Engine], references: dict[str, Reference], name: str
+) -> None:
+    reference = references[name]
+    users = reference.users[:10]
+    excludes = [frozenset(reference.recommend(u, 10)[::3]) | {"no-such-item"} for u in users]
+
+    answers = engines[name].recommend(users, 10, True, excludes)
+
+    for user, exclude, answer in zip(users, excludes, answers, strict=True):
+        expected = [i for i in reference.recommend(user, 15) if i not in exclude][:10]
+        assert answer.items == expected
+        assert len(answer.items) == 10
+        assert not exclude & set(answer.items)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_heavy_users_keep_libreco_consumed_filtering_in_a_batch_asking_for_more(
+    engines: dict[str, Engine], references: dict[str, Reference], name: str
+) -> None:
+    # libreco only filters consumed items while n_rec + len(consumed) <= n_items, so a
+    # heavy user must not be served from a call whose n_rec was raised for someone else.
+    reference = references[name]
+    heavy = max(reference.users, key=reference.consumed)
+    light = reference.users[0]
+    n = engines[name].n_items - reference.consumed(heavy)
+    light_exclude = frozenset(reference.recommend(light, 5))
+
+    heavy_answer, light_answer = engines[name].recommend(
+        [heavy, light], n, True, [frozenset(), light_exclude]
+    )
+    too_many = engines[name].recommend([heavy], n + 1, True)[0]
+
+    assert heavy_answer.items == reference.recommend(heavy, n)
+    expected_light = [i for i in reference.recommend(light, n + 5) if i not in light_exclude]
+    assert light_answer.items == expected_light[:n]
+    # one more than the unconsumed items: libreco stops filtering, and so do we
+    assert too_many.items == reference.recommend(heavy, n + 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_user_gets_deterministic_popular_fallback(
+    engines: dict[str, Engine], trained_store: Path, name: str
+) -> None:
+    engine = engines[name]
+    popular = list(verify(trained_store / name / engine.version).popular_items)
+    exclude = frozenset(popular[1:4])
+
+    first, second, excluded = engine.recommend(
+        ["new-user-1", "new-user-2", "new-user-3"], 20, True, [frozenset(), frozenset(), exclude]
+    )
+    again = engine.recommend(["new-user-1"], 20, False)[0]
+
+    assert first.cold_start and second.cold_start and excluded.cold_start
+    assert first.items == popular[:20] == second.items == again.items
+    assert len(set(first.items)) == 20
+    assert excluded.items == [i for i in popular if i not in exclude][:20]
+
+
+def test_popular_fallback_is_ordered_by_training_count_then_id(
+    engines: dict[str, Engine], trained_store: Path, demo_interactions: pd.DataFrame
+) -> None:
+    popular = verify(trained_store / "als" / engines["als"].version).popular_items
+    train, _ = split_by_ratio_chrono(demo_interactions, test_size=0.2, seed=42)
+    counts = train.groupby("item").size()
+
+    assert len(popular) == len(set(popular)) == 1000
+    keys = [(-counts[item], item) for item in popular]
+    assert keys == sorted(keys)
+    assert counts[popular[-1]] >= counts.drop(list(popular)).max()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_predict_scores_known_items_like_libreco_and_none_for_unknown_items(
+    engines: dict[str, Engine], references: dict[str, Reference], name: str
+) -> None:
+    reference = references[name]
+    user = reference.users[7]
+    items = [reference.data_info.id2item[i] for i in (0, 5, 9)]
+
+    scores, cold_start = engines[name].predict(user, [items[0], "no-such-item", *items[1:]])
+    expected = reference.model.predict(user=[user] * 3, item=items)
+
+    assert cold_start is False
+    assert scores[1] is None
+    known = [s for s in scores if s is not None]
+    assert all(type(s) is float and 0.0 < s < 1.0 for s in known)
+    assert known == pytest.approx(expected.tolist(), rel=1e-6)
+    assert engines[name].predict(user, []) == ([], False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_predict_for_an_unknown_user_uses_the_average_user(
+    engines: dict[str, Engine], references: dict[str, Reference], name: str
+) -> None:
+    reference = references[name]
+    items = [reference.data_info.id2item[i] for i in (1, 2)]
+
+    scores, cold_start = engines[name].predict("new-user", items)
+    with quiet():
+        expected = reference.model.predict(user=["new-user"] * 2, item=items, cold_start="average")
+
+    assert cold_start is True
+    assert scores == pytest.approx(expected.tolist(), rel=1e-6)
+
+
+def test_similar_items_ranks_als_items_by_cosine_without_the_item_itself(
+    engines: dict[str, Engine], references: dict[str, Reference]
+) -> None:
+    reference = references["als"]
+    item = reference.data_info.id2item[3]
+    embeddings = reference.model.get_item_embedding().astype(np.float64)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    cosine = unit @ unit[3]
+    cosine[3] = -np.inf
+    best = np.argsort(-cosine, kind="stable")[:10]
+
+    items, scores = engines["als"].similar_items(item, 10)
+
+    assert items == [reference.data_info.id2item[int(i)] for i in best]
+    assert scores == pytest.approx(cosine[best].tolist(), abs=1e-5)
+    assert item not in items
+    assert scores == sorted(scores, reverse=True)
+    assert engines["als"].similar_items(item, 10) == (items, scores)
+
+
+def test_similar_items_is_unsupported_for_deepfm(engines: dict[str, Engine]) -> None:
+    assert "similar_items" not in engines["deepfm"].ops
+    assert "similar_items" in engines["als"].ops
+    with pytest.raises(Unsupported):
+        engines["deepfm"].similar_items("anything", 5)
+
+
+def test_similar_items_of_an_unknown_item_raises_unknown_item(engines: dict[str, Engine]) -> None:
+    with pytest.raises(UnknownItem):
+        engines["als"].similar_items("no-such-item", 5)
+
+
+@pytest.mark.parametrize("n", [0, -1, 10**6])
+def test_n_outside_the_catalogue_is_a_bad_argument(engines: dict[str, Engine], n: int) -> None:
+    engine = engines["als"]
+    with pytest.raises(BadArgument):
+        engine.recommend(["new-user"], n, True)
+    with pytest.raises(BadArgument):
+        engine.similar_items("no-such-item", n)
+
+
+def test_exclude_must_match_the_users(engines: dict[str, Engine]) -> None:
+    with pytest.raises(BadArgument):
+        engines["als"].recommend(["a", "b"], 5, True, [frozenset()])
+
+
+def test_two_tf_models_load_and_answer_in_one_process(
+    trained_store: Path, engines: dict[str, Engine], references: dict[str, Reference]
+) -> None:
+    default_graph_ops = len(tf.compat.v1.get_default_graph().get_operations())
+    second = load_engine(trained_store, "deepfm")
+    als_again = load_engine(trained_store, "als")
+    users = references["deepfm"].users[:5]
+
+    assert second.recommend(users, 10, True) == engines["deepfm"].recommend(users, 10, True)
+    assert als_again.recommend(users, 10, True) == engines["als"].recommend(users, 10, True)
+    assert len(tf.compat.v1.get_default_graph().get_operations()) == default_graph_ops
+
+
+def test_training_another_tf_model_leaves_loaded_engines_working(
+    engines: dict[str, Engine], references: dict[str, Reference]
+) -> None:
+    from uro_recs.worker.demo_data import make_interactions
+
+    users = references["deepfm"].users[:5]
+    before = engines["deepfm"].recommend(users, 10, True)
+    small = make_interactions(n_users=100, n_items=150, n_interactions=2_000, seed=3)
+
+    trained = train_model(small, "deepfm", epochs=1, test_fraction=0.0)
+
+    assert trained.metrics == {"fit_seconds": trained.metrics["fit_seconds"]}
+    assert engines["deepfm"].recommend(users, 10, True) == before
+
+
+def test_load_refuses_a_store_with_a_tampered_file(store_copy: Path) -> None:
+    copied = version_dir(store_copy, "als", current_version(store_copy, "als"))
+    target = copied / "model_user_consumed.pkl"
+    target.write_bytes(target.read_bytes() + b"\x00")
+
+    with pytest.raises(StoreCorrupt) as caught:
+        load_engine(store_copy, "als")
+    assert caught.value.file == "model_user_consumed.pkl"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_info_is_msgpack_portable(engines: dict[str, Engine], name: str) -> None:
+    info = engines[name].info()
+    assert msgpack.unpackb(msgpack.packb(info)) == info
+    assert info["name"] == name
+    assert info["class"] == {"als": "ALS", "deepfm": "DeepFM"}[name]
+    assert isinstance(info["n_items"], int) and info["n_items"] > 1000
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_warm_up_runs_every_supported_op(engines: dict[str, Engine], name: str) -> None:
+    engines[name].warm_up()
+
+
+def test_integer_ids_come_back_as_plain_python_ints(tmp_path: Path) -> None:
+    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.worker.training import train_and_save
+
+    data = make_interactions(n_users=100, n_items=150, n_interactions=2_000, seed=5)
+    data["user"] = pd.factorize(data["user"])[0] + 1_000
+    data["item"] = pd.factorize(data["item"])[0] * 7
+    train_and_save(tmp_path, "ints", data, "als", version="v1")
+    engine = load_engine(tmp_path, "ints")
+    known_user, known_item = int(data["user"].iloc[0]), int(data["item"].iloc[0])
+
+    warm, cold = engine.recommend([known_user, -1], 5, True)
+    similar, _ = engine.similar_items(known_item, 3)
+    scores, cold_start = engine.predict(known_user, [known_item, -1])
+
+    for item in [*warm.items, *cold.items, *similar]:
+        assert type(item) is int
+    assert cold.cold_start and not warm.cold_start
+    assert scores[1] is None and isinstance(scores[0], float) and not cold_start

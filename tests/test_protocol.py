@@ -1,0 +1,105 @@
+"""The protocol core against the published test vectors in docs/vectors/v1.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from uro_recs import protocol
+from uro_recs.protocol import ErrorCode, ProtocolError
+
+VECTORS = json.loads((Path(__file__).parent.parent / "docs/vectors/v1.json").read_text())
+MAX_BYTES = 1 << 20
+
+
+def _by_name(section: str) -> list[Any]:
+    return [pytest.param(v, id=v["name"]) for v in VECTORS[section]]
+
+
+@pytest.mark.parametrize("vector", _by_name("requests"))
+def test_request_vector_decodes_to_its_value(vector: dict[str, Any]) -> None:
+    body = bytes.fromhex(vector["body_hex"])
+    value = vector["value"]
+    request = protocol.decode_request(body, MAX_BYTES)
+    assert request.id == value["id"]
+    assert request.op == value["op"]
+    assert request.model == value.get("model")
+    assert request.timeout_ms == value.get("timeout_ms")
+
+
+@pytest.mark.parametrize("vector", _by_name("requests"))
+def test_reference_encoder_produces_the_vector_bytes(vector: dict[str, Any]) -> None:
+    value = vector["value"]
+    body = protocol.encode_request(
+        value["id"], value["op"], value.get("model"), value.get("args"), value.get("timeout_ms")
+    )
+    assert body.hex() == vector["body_hex"]
+
+
+@pytest.mark.parametrize("vector", _by_name("replies"))
+def test_reply_vector_round_trips(vector: dict[str, Any]) -> None:
+    body = bytes.fromhex(vector["body_hex"])
+    value = vector["value"]
+    reply = protocol.decode_reply(body)
+    assert reply.id == value["id"]
+    assert reply.ok is value["ok"]
+    if reply.ok:
+        assert reply.result == value["result"]
+        assert protocol.encode_ok(value["id"], value["result"]) == body
+    else:
+        assert reply.error is not None
+        assert reply.error.code.value == value["error"]["code"]
+        assert reply.error.retry is value["error"]["retry"]
+        code = ErrorCode(value["error"]["code"])
+        assert protocol.encode_error(value["id"], code, value["error"]["message"]) == body
+
+
+@pytest.mark.parametrize("vector", _by_name("malformed"))
+def test_malformed_vector_gets_its_documented_error(vector: dict[str, Any]) -> None:
+    frames = [bytes.fromhex(f) for f in vector["frames_hex"]]
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode_request(protocol.client_body(frames), MAX_BYTES)
+    assert caught.value.code.value == vector["code"]
+    assert caught.value.request_id == vector["id"]
+
+
+def test_oversize_body_is_too_large() -> None:
+    body = msgpack.packb({"v": 1, "id": 1, "op": "stats", "pad": "x" * MAX_BYTES})
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode_request(body, MAX_BYTES)
+    assert caught.value.code is ErrorCode.TOO_LARGE
+
+
+def test_recommend_args_are_typed_with_defaults() -> None:
+    body = protocol.encode_request(1, "recommend", "als", {"users": ["a", 7], "exclude": ["x"]})
+    args = protocol.decode_request(body, MAX_BYTES).args
+    assert args == protocol.RecommendArgs(
+        users=("a", 7), many=True, n=10, filter_consumed=True, exclude=frozenset({"x"})
+    )
+
+
+def test_retry_flag_follows_the_error_table() -> None:
+    for code in ErrorCode:
+        reply = protocol.decode_reply(protocol.encode_error(1, code, "m"))
+        assert reply.error is not None
+        assert reply.error.retry is (code in {"overloaded", "unavailable", "worker_lost"})
+
+
+def test_worker_ready_round_trips_and_rejects_zero_slots() -> None:
+    hello = protocol.WorkerHello("als", "v1", 8, {"n_items": 3})
+    frames = protocol.encode_ready(hello)
+    assert frames[:2] == [protocol.WORKER_PROTOCOL, protocol.READY]
+    assert protocol.decode_ready(frames[2]) == hello
+    bad = msgpack.packb({"model": "als", "version": "v1", "slots": 0, "info": {}})
+    with pytest.raises(ProtocolError):
+        protocol.decode_ready(bad)
+
+
+def test_reply_that_breaks_the_contract_is_internal() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode_reply(msgpack.packb({"v": 1, "id": 1}))
+    assert caught.value.code is ErrorCode.INTERNAL

@@ -1,0 +1,1 @@
+"""Model workers: load a LibRecommender model once and answer requests in batches."""

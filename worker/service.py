@@ -1,0 +1,316 @@
+"""The worker process loop: register with the broker, answer requests in batches, drain.
+
+A worker is its engine (one loaded, warmed model version) plus this lifecycle: it announces
+itself only once the model is warm, heartbeats from its own loop (a stuck loop stops the
+heartbeats, and the broker then redelivers what it held), and on SIGTERM tells the broker it
+is draining, answers what it holds and exits when the broker has let it go.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import zmq
+
+from uro_recs import protocol
+from uro_recs.config import BrokerConfig, WorkerConfig
+from uro_recs.protocol import (
+    ErrorCode,
+    PredictArgs,
+    ProtocolError,
+    RecommendArgs,
+    Request,
+    SimilarItemsArgs,
+)
+from uro_recs.worker.engine import (
+    BadArgument,
+    Engine,
+    EngineError,
+    RecommendQuery,
+    UnknownItem,
+    Unsupported,
+)
+
+log = structlog.get_logger("uro_recs.worker")
+
+
+@dataclass(slots=True)
+class Job:
+    seq: bytes  # the broker's sequence frame, echoed in the reply
+    deadline: float  # time.monotonic() seconds
+    body: bytes
+
+
+class WorkerService:
+    def __init__(
+        self,
+        engine: Engine,
+        endpoint: str,
+        config: WorkerConfig,
+        broker: BrokerConfig,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+        self.config = config
+        self.heartbeat_s = broker.heartbeat_ms / 1000
+        self.liveness_s = self.heartbeat_s * broker.liveness
+        self.max_message_bytes = broker.max_message_bytes
+        self.context = context or zmq.Context.instance()
+        self.identity = f"{engine.name}-{os.getpid()}".encode()
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.running = False
+        self.served = 0
+        self._sock: zmq.Socket[bytes] | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno())
+        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
+        signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
+            self._send(protocol.DISCONNECT)
+            log.info("worker_draining", model=self.engine.name)
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._register()
+        return sock
+
+    def _register(self) -> None:
+        assert self._sock is not None
+        hello = protocol.WorkerHello(
+            model=self.engine.name,
+            version=self.engine.version,
+            slots=self.config.slots,
+            info=self.engine.info(),
+        )
+        self._sock.send_multipart(protocol.encode_ready(hello))
+
+    def _send(self, command: bytes, *frames: bytes) -> None:
+        if self._sock is not None:
+            self._sock.send_multipart([protocol.WORKER_PROTOCOL, command, *frames])
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self.running = True
+        log.info(
+            "worker_ready",
+            model=self.engine.name,
+            version=self.engine.version,
+            slots=self.config.slots,
+            endpoint=self.endpoint,
+        )
+        if on_ready is not None:
+            on_ready()
+        broker_expires = time.monotonic() + self.liveness_s
+        next_heartbeat = time.monotonic() + self.heartbeat_s
+        while self.running:
+            timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r.fileno() in events:
+                self._drain_wakeups()
+            if sock in events:
+                jobs = self._receive(sock)
+                broker_expires = time.monotonic() + self.liveness_s
+                if jobs:
+                    self._execute(jobs)
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self._send(protocol.HEARTBEAT)
+                next_heartbeat = now + self.heartbeat_s
+            if self.draining and (now >= self.drain_deadline or now >= broker_expires):
+                # Nothing is held here between batches: with the broker gone or silent there is
+                # nothing left to finish.
+                log.info("worker_drained_without_broker", model=self.engine.name)
+                self.running = False
+            elif now >= broker_expires:
+                log.warning("broker_lost", model=self.engine.name, endpoint=self.endpoint)
+                poller.unregister(sock)
+                sock = self._connect()
+                poller.register(sock, zmq.POLLIN)
+                broker_expires = now + self.liveness_s
+        log.info("worker_stopped", model=self.engine.name, served=self.served)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _receive(self, sock: zmq.Socket[bytes]) -> list[Job]:
+        """Read everything queued (up to our slots), waiting up to max_batch_delay for more."""
+        jobs: list[Job] = []
+        wait_until = 0.0
+        while len(jobs) < self.config.slots:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if not jobs or self.config.max_batch_delay_ms <= 0:
+                    break
+                if not wait_until:
+                    wait_until = time.monotonic() + self.config.max_batch_delay_ms / 1000
+                remaining_ms = (wait_until - time.monotonic()) * 1000
+                if remaining_ms <= 0 or not sock.poll(max(1, int(remaining_ms))):
+                    break
+                continue
+            job = self._on_message(frames)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _on_message(self, frames: list[bytes]) -> Job | None:
+        if len(frames) < 2 or frames[0] != protocol.WORKER_PROTOCOL:
+            log.warning("broker_message_malformed", frames=len(frames))
+            return None
+        command = frames[1]
+        if command == protocol.REQUEST and len(frames) == 5:
+            deadline = protocol.unpack_u64(frames[3]) / 1_000_000  # the host's CLOCK_MONOTONIC
+            return Job(seq=frames[2], deadline=deadline, body=frames[4])
+        if command == protocol.DISCONNECT:
+            if self.draining:
+                self.running = False  # the broker has let us go
+            else:
+                log.info("worker_reregistering", model=self.engine.name)
+                self._register()
+        return None
+
+    def _reply(self, job: Job, body: bytes) -> None:
+        self.served += 1
+        self._send(protocol.REPLY, job.seq, body)
+
+    def _reply_error(self, job: Job, request_id: Any, code: ErrorCode, message: str) -> None:
+        self._reply(job, protocol.encode_error(request_id, code, message))
+
+    # --- execution --------------------------------------------------------------------------
+
+    def _execute(self, jobs: list[Job]) -> None:
+        """Answer every job exactly once; all recommend requests share one model call."""
+        now = time.monotonic()
+        batch: list[tuple[Job, Request, RecommendArgs]] = []
+        for job in jobs:
+            try:
+                request = protocol.decode_request(job.body, self.max_message_bytes)
+            except ProtocolError as error:
+                self._reply(job, protocol.encode_protocol_error(error))
+                continue
+            if now >= job.deadline:
+                message = "deadline passed before it ran"
+                self._reply_error(job, request.id, ErrorCode.DEADLINE_EXCEEDED, message)
+                continue
+            if request.model != self.engine.name:
+                message = f"worker serves {self.engine.name!r}, not {request.model!r}"
+                self._reply_error(job, request.id, ErrorCode.INTERNAL, message)
+                continue
+            args = request.args
+            if isinstance(args, RecommendArgs) and args.n <= self.engine.n_items:
+                batch.append((job, request, args))
+            else:
+                self._run_one(job, request)
+        if batch:
+            self._run_recommend_batch(batch)
+
+    def _run_recommend_batch(self, batch: list[tuple[Job, Request, RecommendArgs]]) -> None:
+        queries = [
+            RecommendQuery(user, args.n, args.filter_consumed, args.exclude)
+            for _, _, args in batch
+            for user in args.users
+        ]
+        try:
+            recommendations = self.engine.recommend_batch(queries)
+        except Exception as exc:
+            log.exception("recommend_failed", model=self.engine.name, users=len(queries))
+            for job, request, _ in batch:
+                self._reply_error(job, request.id, ErrorCode.INTERNAL, f"recommend failed: {exc}")
+            return
+        offset = 0
+        for job, request, args in batch:
+            answers = [
+                {"user": user, "items": rec.items, "cold_start": rec.cold_start}
+                for user, rec in zip(
+                    args.users, recommendations[offset : offset + len(args.users)], strict=True
+                )
+            ]
+            offset += len(args.users)
+            result = {"results": answers} if args.many else answers[0]
+            self._reply(job, protocol.encode_ok(request.id, result))
+
+    def _run_one(self, job: Job, request: Request) -> None:
+        args = request.args
+        try:
+            if request.op not in self.engine.ops:
+                raise Unsupported(f"model {self.engine.name!r} does not support {request.op}")
+            if isinstance(args, RecommendArgs):
+                raise BadArgument(
+                    f"n={args.n} is more than the {self.engine.n_items} items in the catalogue"
+                )
+            if isinstance(args, PredictArgs):
+                scores, cold_start = self.engine.predict(args.user, args.items)
+                result: dict[str, Any] = {
+                    "user": args.user,
+                    "scores": scores,
+                    "cold_start": cold_start,
+                }
+            elif isinstance(args, SimilarItemsArgs):
+                if args.n > self.engine.n_items:
+                    raise BadArgument(
+                        f"n={args.n} is more than the {self.engine.n_items} items in the catalogue"
+                    )
+                try:
+                    items, sims = self.engine.similar_items(args.item, args.n)
+                    cold_start = False
+                except UnknownItem:  # a new item: an empty answer, the caller picks a fallback
+                    items, sims, cold_start = [], [], True
+                result = {
+                    "item": args.item,
+                    "items": items,
+                    "scores": sims,
+                    "cold_start": cold_start,
+                }
+            else:
+                raise Unsupported(f"op {request.op} is not answered by workers")
+        except Unsupported as exc:
+            self._reply_error(job, request.id, ErrorCode.UNSUPPORTED, str(exc))
+        except BadArgument as exc:
+            self._reply_error(job, request.id, ErrorCode.BAD_REQUEST, str(exc))
+        except EngineError as exc:
+            self._reply_error(job, request.id, ErrorCode.INTERNAL, str(exc))
+        except Exception as exc:
+            log.exception("request_failed", model=self.engine.name, op=request.op)
+            self._reply_error(job, request.id, ErrorCode.INTERNAL, f"{request.op} failed: {exc}")
+        else:
+            self._reply(job, protocol.encode_ok(request.id, result))
