@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p uro_recs
-	$(BIN)/mypy tests
+	$(BIN)/mypy tests perf
 
 test: lint
 	$(BIN)/python -m pytest -ra

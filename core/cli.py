@@ -84,12 +84,10 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     import pandas as pd
 
     from uro_recs.worker.demo_data import make_interactions
-    from uro_recs.worker.model_store import set_current
     from uro_recs.worker.training import train_and_save
 
     data = pd.read_csv(args.csv) if args.csv else make_interactions()
     path = train_and_save(config.store, args.model, data, args.kind, version=args.version)
-    set_current(config.store, args.model, path.name)
     print(json.dumps({"model": args.model, "version": path.name, "path": str(path)}))
     return 0
 

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,8 +42,9 @@ def _config_text(directory: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _train_missing(store: Path, data: pd.DataFrame, retrain: bool) -> None:
-    from uro_recs.worker.model_store import list_versions, set_current
+def train_missing(store: Path, data: pd.DataFrame, retrain: bool = False) -> None:
+    """Train the demo models that the store lacks (all of them with `retrain`)."""
+    from uro_recs.worker.model_store import list_versions
     from uro_recs.worker.training import train_and_save
 
     missing = [m for m in MODELS if retrain or not list_versions(store, m)]
@@ -55,19 +57,37 @@ def _train_missing(store: Path, data: pd.DataFrame, retrain: bool) -> None:
     )
     for name in missing:
         started = time.perf_counter()
-        path = train_and_save(store, name, data, MODELS[name])
-        set_current(store, name, path.name)
+        path = train_and_save(store, name, data, MODELS[name])  # also makes it CURRENT
         print(f"trained {name} -> {path} in {time.perf_counter() - started:.1f} s")
 
 
-def _wait_ready(client: Client, timeout_s: float) -> None:
+def prepare(directory: Path, retrain: bool = False) -> tuple[Path, pd.DataFrame]:
+    """Write the demo configuration and train what is missing: (config path, demo data)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "uro-recs.toml"
+    config_path.write_text(_config_text(directory))
+    apply_thread_limits(2)
+    from uro_recs.worker.demo_data import make_interactions
+
+    data = make_interactions()
+    train_missing(load_config(config_path).store, data, retrain)
+    return config_path, data
+
+
+def start_serving(config_path: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "uro_recs.cli", "--config", str(config_path), "serve"]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+
+def wait_ready(client: Client, models: Iterable[str], timeout_s: float = 120) -> None:
+    """Block until every model has a live worker."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             ready = {m.name for m in client.info(timeout=1.0) if m.workers > 0}
         except UroRecsError:
             ready = set()
-        if ready >= set(MODELS):
+        if ready >= set(models):
             return
         time.sleep(0.2)
     raise TimeoutError(f"workers were not ready within {timeout_s:.0f} s")
@@ -105,24 +125,13 @@ def _sample(client: Client, user: str, item: str) -> None:
 
 
 def run_demo(directory: Path, once: bool, retrain: bool) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = directory / "uro-recs.toml"
-    config_path.write_text(_config_text(directory))
+    config_path, data = prepare(directory, retrain)
     config = load_config(config_path)
-    apply_thread_limits(2)
-    from uro_recs.worker.demo_data import make_interactions
-
-    data = make_interactions()
-    _train_missing(config.store, data, retrain)
     user, item = str(data["user"].iloc[0]), str(data["item"].iloc[0])
-
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "uro_recs.cli", "--config", str(config_path), "serve"],
-        stdin=subprocess.DEVNULL,
-    )
+    serve = start_serving(config_path)
     try:
         with Client(config.client_endpoint, model="als", timeout=2.0) as client:
-            _wait_ready(client, timeout_s=120)
+            wait_ready(client, MODELS)
             print(f"\nserving on {config.client_endpoint}")
             _sample(client, user, item)
             print(f"\nstats: {client.stats()}")

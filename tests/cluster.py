@@ -47,22 +47,22 @@ class Cluster:
         self.control_endpoint = f"ipc://{self.run_dir / 'control.sock'}"
         self.context = zmq.Context()
 
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path), *args]
         with (self.root / f"{args[0]}-{time.monotonic_ns()}.log").open("wb") as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def start(self, wait: bool = True) -> Cluster:
-        self.broker = self._spawn("broker")
+        self.broker = self.spawn("broker")
         for name, count in self.models.items():
             for _ in range(count):
-                self.workers.append(self._spawn("worker", "--model", name))
+                self.workers.append(self.spawn("worker", "--model", name))
         if wait:
             self.wait_for_workers({name: count for name, count in self.models.items()})
         return self
 
     def start_worker(self, model: str) -> subprocess.Popen[bytes]:
-        process = self._spawn("worker", "--model", model)
+        process = self.spawn("worker", "--model", model)
         self.workers.append(process)
         return process
 

@@ -259,3 +259,56 @@ def test_hand_written_zmtp_client_gets_an_answer(trained_store: Path, users: lis
         assert predicted.id == 8 and predicted.result is not None
         assert predicted.result["scores"] == [None] * len(users)  # user ids are not items
         client.sock.close()
+
+
+def test_reply_to_a_client_that_went_away_is_counted_not_crashed_on(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 1}, worker={"slots": 1}).start() as cluster:
+        worker = cluster.workers[0]
+        os.kill(worker.pid, signal.SIGSTOP)
+        gone = _dealer(cluster.context, cluster.client_endpoint)
+        for i in range(5):
+            _send(gone, i, "recommend", model="als", args={"user": users[i]}, timeout_ms=10_000)
+        time.sleep(0.2)
+        gone.close()  # the client leaves before any answer
+        time.sleep(0.2)
+        os.kill(worker.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while cluster.stats()["counters"].get("replies_undeliverable", 0) < 5:
+            assert time.monotonic() < deadline, cluster.stats()
+            time.sleep(0.05)
+        assert cluster.call("recommend", model="als", args={"user": users[0]})["ok"]
+
+
+def test_sigterm_to_one_of_two_workers_under_load_fails_no_request(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 2}, worker={"slots": 4}).start() as cluster:
+        sock = _dealer(cluster.context, cluster.client_endpoint)
+        leaving = cluster.workers[0]
+        for i in range(300):
+            args = {"user": users[i % len(users)]}
+            _send(sock, i, "recommend", model="als", args=args, timeout_ms=10_000)
+            if i == 30:
+                leaving.send_signal(signal.SIGTERM)
+        replies = _collect(sock, 300, timeout_s=20)
+        assert [i for i, r in replies.items() if not r["ok"]] == []
+        assert leaving.wait(timeout=10) == 0
+        stats = cluster.stats()
+        assert stats["models"]["als"]["workers"] == 1
+        assert stats["counters"].get("workers_lost", 0) == 0  # it left cleanly, not by expiry
+        sock.close()
+
+
+def test_workers_register_again_with_a_restarted_broker(
+    trained_store: Path, users: list[str]
+) -> None:
+    with Cluster(trained_store, {"als": 2}).start() as cluster:
+        assert cluster.broker is not None
+        cluster.broker.kill()
+        cluster.broker.wait()
+        cluster.broker = cluster.spawn("broker")
+        cluster.wait_for_workers({"als": 2}, timeout_s=15)
+        reply = cluster.call("recommend", model="als", args={"user": users[0]})
+        assert reply["ok"], reply

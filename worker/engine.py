@@ -110,6 +110,7 @@ class Engine:
         self.n_users = int(data_info.n_users)
         self.n_items = int(data_info.n_items)
         self._model = model
+        self.libreco_model = model  # for in-process baselines; serving goes through the methods
         self._graph = graph
         self._user2id: dict[Id, int] = data_info.user2id
         self._item2id: dict[Id, int] = data_info.item2id
