@@ -32,6 +32,7 @@ from uro_recs.config import load_config  # noqa: E402
 from uro_recs.demo import prepare, start_serving, wait_ready  # noqa: E402
 from uro_recs.sdk import Client  # noqa: E402
 from uro_recs.worker.engine import load_engine  # noqa: E402
+from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -86,8 +87,10 @@ def main() -> int:
     known = sorted(set(data["user"]))
     users = [rng.choice(known) for _ in range(args.requests)]
 
-    engine = load_engine(config.store, "als", threads=1)
-    model = engine.libreco_model
+    engine = load_engine(config.store, "als", threads=1)  # what a worker serves with
+    through_libreco = load_engine(config.store, "als", threads=1, fast_path=False)
+    assert isinstance(through_libreco, LibrecoEngine)
+    model = through_libreco.libreco_model
     warm = users[:200]
     timed(lambda u: model.recommend_user(user=u, n_rec=10), warm)
     timed(lambda u: engine.recommend([u], 10, True), warm)

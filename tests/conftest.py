@@ -76,7 +76,7 @@ def references(trained_store: Path) -> dict[str, Reference]:
     from libreco.algorithms import ALS, DeepFM
     from libreco.data import DataInfo
 
-    from uro_recs.worker.engine import LIBRECO_FILE_STEM, quiet
+    from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet
     from uro_recs.worker.model_store import current_version, version_dir
 
     loaded = {}

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +19,8 @@ from uro_recs.worker.engine import (
     UnknownItem,
     Unsupported,
     load_engine,
-    quiet,
 )
+from uro_recs.worker.libreco_engine import quiet
 from uro_recs.worker.model_store import StoreCorrupt, current_version, verify, version_dir
 from uro_recs.worker.training import train_model
 
@@ -32,6 +34,11 @@ MODELS = ("als", "deepfm")
 @pytest.fixture(scope="module")
 def engines(trained_store: Path) -> dict[str, Engine]:
     return {name: load_engine(trained_store, name) for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def als_through_libreco(trained_store: Path) -> Engine:
+    return load_engine(trained_store, "als", fast_path=False)
 
 
 @pytest.fixture
@@ -311,3 +318,64 @@ def test_integer_ids_come_back_as_plain_python_ints(tmp_path: Path) -> None:
         assert type(item) is int
     assert cold.cold_start and not warm.cold_start
     assert scores[1] is None and isinstance(scores[0], float) and not cold_start
+
+
+def test_als_is_served_by_the_numpy_engine_and_deepfm_by_libreco(
+    engines: dict[str, Engine], als_through_libreco: Engine
+) -> None:
+    assert type(engines["als"]).__name__ == "EmbeddingEngine"
+    assert type(engines["deepfm"]).__name__ == "LibrecoEngine"
+    assert type(als_through_libreco).__name__ == "LibrecoEngine"
+
+
+@pytest.mark.parametrize("filter_consumed", [True, False])
+@pytest.mark.parametrize("n", [1, 10, 57])
+def test_numpy_engine_equals_libreco_for_every_user(
+    engines: dict[str, Engine],
+    references: dict[str, Reference],
+    demo_interactions: pd.DataFrame,
+    n: int,
+    filter_consumed: bool,
+) -> None:
+    reference = references["als"]
+    users = [*sorted(set(demo_interactions["user"])), "unknown-1", "unknown-2"]
+    answers = engines["als"].recommend(users, n, filter_consumed)
+    popular = engines["als"].recommend(["unknown-3"], n, filter_consumed)[0].items
+    for user, answer in zip(users, answers, strict=True):
+        if user.startswith("unknown-"):
+            assert answer.cold_start and answer.items == popular
+        else:
+            assert not answer.cold_start
+            assert answer.items == reference.recommend(user, n, filter_consumed), user
+
+
+def test_numpy_engine_agrees_with_the_libreco_engine_on_every_op(
+    engines: dict[str, Engine], als_through_libreco: Engine, demo_interactions: pd.DataFrame
+) -> None:
+    fast = engines["als"]
+    users = [*sorted(set(demo_interactions["user"]))[:100], "somebody-new"]
+    items = [*sorted(set(demo_interactions["item"]))[:50], "some-new-item"]
+    queries = [
+        RecommendQuery(user, 5 + i % 20, i % 3 != 0, frozenset(items[i % 7 : i % 7 + 5]))
+        for i, user in enumerate(users)
+    ]
+    assert fast.recommend_batch(queries) == als_through_libreco.recommend_batch(queries)
+    for user in (users[0], users[-1]):
+        fast_scores, fast_cold = fast.predict(user, items)
+        slow_scores, slow_cold = als_through_libreco.predict(user, items)
+        assert fast_cold == slow_cold
+        assert fast_scores[-1] is None and slow_scores[-1] is None
+        np.testing.assert_allclose(fast_scores[:-1], slow_scores[:-1], rtol=1e-6)  # type: ignore[arg-type]
+    assert fast.similar_items(items[0], 10) == als_through_libreco.similar_items(items[0], 10)
+    assert fast.info() == als_through_libreco.info()
+
+
+def test_numpy_engine_loads_without_tensorflow_or_torch(trained_store: Path) -> None:
+    script = (
+        "import sys; from pathlib import Path; from uro_recs.worker.engine import load_engine;"
+        f"e = load_engine(Path({str(trained_store)!r}), 'als'); e.warm_up();"
+        "print(sorted(m for m in ('tensorflow', 'torch', 'libreco') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"  # the lines before are log events

@@ -1,23 +1,20 @@
-"""The in-worker model facade: one verified LibRecommender model version behind a small API.
+"""What the worker loop calls: one verified model version behind a small API.
 
-The worker process loop loads an `Engine` once and calls `recommend`, `predict` and
-`similar_items` with whole batches; each batch costs as few libreco calls as its mix of
-options allows (one in the common case).
-
-Importing this module quietens TensorFlow (it sets TF_CPP_MIN_LOG_LEVEL=2 unless already set,
-which only works before TensorFlow is first imported). BLAS and OpenMP thread pools are
-capped at load time with threadpoolctl; a worker that wants them capped from the very start
-should also set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS in its environment before it starts.
+Two implementations extend `Engine`:
+- `EmbeddingEngine` (worker/embedding_engine.py) scores embedding models (ALS) with numpy
+  straight from libreco's saved arrays: no TensorFlow or torch in the process, and a batch
+  of users is one matrix product plus a partial sort.
+- `LibrecoEngine` (worker/libreco_engine.py) loads the model with libreco and calls its
+  `recommend_user` / `predict`; it serves every other model (DeepFM).
+Both answer exactly what libreco's `recommend_user` answers for the same saved model; the
+tests hold them to it. `load_engine` verifies the version's checksums and picks one; this
+module imports neither, so choosing is cheap.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import time
-import warnings
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -26,8 +23,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import structlog
-import torch
-from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from uro_recs.worker.model_store import Id as Id  # re-exported: the API speaks in Ids
 from uro_recs.worker.model_store import (
@@ -38,24 +33,10 @@ from uro_recs.worker.model_store import (
     version_dir,
 )
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # reads TF_CPP_MIN_LOG_LEVEL when first imported
-
-# libreco calls tf.disable_v2_behavior() on import, which logs deprecation warnings.
-tf.get_logger().setLevel("ERROR")
-from libreco.algorithms import ALS, DeepFM  # noqa: E402
-from libreco.bases import EmbedBase, TfBase  # noqa: E402
-from libreco.data import DataInfo  # noqa: E402
-from libreco.utils.save_load import load_tf_variables  # noqa: E402
-
 log = structlog.get_logger(__name__)
 
-# libreco's file names inside a version directory start with this stem.
-LIBRECO_FILE_STEM: Final = "model"
-LIBRECO_CLASSES: Final[dict[str, type[Any]]] = {"ALS": ALS, "DeepFM": DeepFM}
-ALL_OPS: Final = frozenset({"recommend", "predict", "similar_items"})
-# Upper bound on user x item scores one libreco recommend call may compute (memory guard).
-MAX_SCORES_PER_CALL: Final = 4_000_000
+# Classes EmbeddingEngine serves from libreco's saved embeddings (proven equal in the tests).
+EMBEDDING_CLASSES: Final = frozenset({"ALS"})
 _WARM_UP_ROUNDS: Final = 3
 
 
@@ -91,39 +72,34 @@ class RecommendQuery:
     exclude: frozenset[Id] = frozenset()
 
 
-@dataclass(frozen=True)
-class _Pending:
-    index: int
-    query: RecommendQuery
-    need: int  # how many ranked items to ask libreco for, room for exclusions included
-    consumed: int
-
-
 class Engine:
-    """A loaded model version. Not thread-safe: use one engine from one thread."""
+    """What both engines share: ids, the popular fallback, similar items, info, warm-up.
 
-    def __init__(self, manifest: Manifest, model: Any, data_info: Any, graph: Any) -> None:
+    Subclasses set the id maps and `_unit_items` (None without item embeddings) and
+    implement `recommend_batch` and `predict`. Not thread-safe: one engine, one thread.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        user2id: dict[Id, int],
+        item_ids: Sequence[Id],
+        user_consumed: dict[int, Any],
+        unit_items: npt.NDArray[np.float32] | None,
+    ) -> None:
         self.manifest = manifest
         self.name = manifest.model
         self.version = manifest.version
         self.libreco_class = manifest.libreco_class
-        self.n_users = int(data_info.n_users)
-        self.n_items = int(data_info.n_items)
-        self._model = model
-        self.libreco_model = model  # for in-process baselines; serving goes through the methods
-        self._graph = graph
-        self._user2id: dict[Id, int] = data_info.user2id
-        self._item2id: dict[Id, int] = data_info.item2id
-        self._id2user: dict[int, Id] = data_info.id2user
-        self._id2item: dict[int, Id] = data_info.id2item
-        self._user_consumed: dict[int, list[int]] = data_info.user_consumed
+        self.n_users = len(user2id)
+        self.n_items = len(item_ids)
+        self._user2id = user2id
+        self._id2item: list[Id] = [_plain_id(i) for i in item_ids]
+        self._item2id: dict[Id, int] = {item: i for i, item in enumerate(self._id2item)}
+        self._user_consumed = user_consumed
         self._popular: list[Id] = list(dict.fromkeys(manifest.popular_items))
-        self._unit_items = (
-            _unit_rows(model.get_item_embedding()) if _has_embeddings(model) else None
-        )
-        ops = {"recommend", "predict"}
-        if self._unit_items is not None:
-            ops.add("similar_items")
+        self._unit_items = unit_items
+        ops = {"recommend", "predict"} | ({"similar_items"} if unit_items is not None else set())
         self.ops = frozenset(ops)
 
     def info(self) -> dict[str, object]:
@@ -158,54 +134,10 @@ class Engine:
         )
 
     def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
-        """Like `recommend`, for requests that differ in n, filter_consumed or exclude."""
-        for query in queries:
-            self._check_n(query.n)
-        results: list[Recommendation | None] = [None] * len(queries)
-        by_filter: dict[bool, list[_Pending]] = {True: [], False: []}
-        for index, query in enumerate(queries):
-            user_id = self._user2id.get(query.user)
-            if user_id is None:
-                results[index] = Recommendation(self._popular_items(query), cold_start=True)
-                continue
-            consumed = len(self._user_consumed.get(user_id, ()))
-            # libreco filters consumed items only when n_rec + len(consumed) <= n_items,
-            # so decide as a single call with this query's own n would, and keep it that way.
-            filtered = query.filter_consumed and consumed > 0 and query.n + consumed <= self.n_items
-            room = sum(1 for item in query.exclude if item in self._item2id)
-            limit = self.n_items - consumed if filtered else self.n_items
-            need = min(query.n + room, limit)
-            by_filter[filtered].append(_Pending(index, query, need, consumed))
-
-        for filtered, pending in by_filter.items():
-            for n_rec, group in self._plan_calls(pending, filtered):
-                ranked = self._recommend_known([p.query.user for p in group], n_rec, filtered)
-                for p in group:
-                    items = ranked[p.query.user]
-                    kept = [item for item in items if item not in p.query.exclude]
-                    results[p.index] = Recommendation(kept[: p.query.n], cold_start=False)
-        answered = [r for r in results if r is not None]
-        assert len(answered) == len(queries), "every query gets exactly one answer"
-        return answered
+        raise NotImplementedError
 
     def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
-        """Scores (libreco's sigmoid probabilities) for `user` and each item.
-
-        Unknown items score None. An unknown user is scored as the average user (libreco's
-        cold_start="average") and the second value is True.
-        """
-        cold_start = user not in self._user2id
-        scores: list[float | None] = [None] * len(items)
-        known = [(pos, item) for pos, item in enumerate(items) if item in self._item2id]
-        if not known:
-            return scores, cold_start
-        known_items = [item for _, item in known]
-        # libreco prints a line for unknown users; TF models need one user id per item.
-        with quiet() if cold_start else contextlib.nullcontext(), self._in_graph():
-            raw = self._model.predict(user=[user] * len(known_items), item=known_items)
-        for (pos, _), score in zip(known, np.atleast_1d(raw).tolist(), strict=True):
-            scores[pos] = float(score)
-        return scores, cold_start
+        raise NotImplementedError
 
     def similar_items(self, item: Id, n: int) -> tuple[list[Id], list[float]]:
         """The n items with the most similar embeddings (cosine), most similar first.
@@ -227,12 +159,13 @@ class Engine:
         cut = np.partition(similarity, -n)[-n]
         candidates = np.flatnonzero(similarity >= cut)
         order = candidates[np.lexsort((candidates, -similarity[candidates]))][:n]
-        return [_plain_id(self._id2item[int(i)]) for i in order], similarity[order].tolist()
+        return [self._id2item[int(i)] for i in order], similarity[order].tolist()
 
     def warm_up(self) -> None:
         """Run each op a few times on real ids so the first real requests are not slow."""
         started = time.perf_counter()
-        user, item = self._id2user[0], self._id2item[0]
+        user = next(iter(self._user2id))
+        item = self._id2item[0]
         n = min(10, self.n_items)
         for _ in range(_WARM_UP_ROUNDS):
             self.recommend([user, _unknown_id(self._user2id)], n, filter_consumed=True)
@@ -253,44 +186,22 @@ class Engine:
     def _popular_items(self, query: RecommendQuery) -> list[Id]:
         return list(islice((i for i in self._popular if i not in query.exclude), query.n))
 
-    def _plan_calls(
-        self, pending: list[_Pending], filtered: bool
-    ) -> Iterator[tuple[int, list[_Pending]]]:
-        """Split known users into libreco calls of (n_rec, users).
-
-        Asking for more than a user needs is safe (libreco sorts its top n_rec by score, so
-        barring exact score ties a longer list starts with the shorter one), except that
-        libreco stops filtering a user's consumed items once n_rec + len(consumed) > n_items:
-        heavy users that would cross that line get a later call with a smaller n_rec.
-        """
-        remaining = sorted(pending, key=lambda p: p.need, reverse=True)
-        while remaining:
-            n_rec = remaining[0].need
-            fits = [p for p in remaining if not filtered or n_rec + p.consumed <= self.n_items]
-            remaining = [p for p in remaining if filtered and n_rec + p.consumed > self.n_items]
-            per_call = max(1, MAX_SCORES_PER_CALL // self.n_items)
-            for start in range(0, len(fits), per_call):
-                yield n_rec, fits[start : start + per_call]
-
-    def _recommend_known(self, users: list[Id], n_rec: int, filtered: bool) -> dict[Id, list[Id]]:
-        unique_users = list(dict.fromkeys(users))
-        with self._in_graph():
-            ranked = self._model.recommend_user(
-                user=unique_users, n_rec=n_rec, filter_consumed=filtered, random_rec=False
-            )
-        return {user: ranked[user].tolist() for user in unique_users}
-
-    def _in_graph(self) -> contextlib.AbstractContextManager[Any]:
-        return self._graph.as_default() if self._graph is not None else contextlib.nullcontext()
+    def _filters(self, query: RecommendQuery, consumed: int) -> bool:
+        # libreco filters consumed items only when n_rec + len(consumed) <= n_items.
+        return query.filter_consumed and consumed > 0 and query.n + consumed <= self.n_items
 
 
 def load_engine(
-    store: Path, model_name: str, version: str | None = None, threads: int = 1
+    store: Path,
+    model_name: str,
+    version: str | None = None,
+    threads: int = 1,
+    fast_path: bool = True,
 ) -> Engine:
     """Verify a stored version (the CURRENT one by default), then load it.
 
-    Checksums are checked before any file is read by libreco. `threads` caps BLAS/OpenMP
-    (process-wide, via threadpoolctl), torch's intra-op pool and this model's TF session.
+    Checksums are checked before any file is read. Embedding models load into the numpy
+    `EmbeddingEngine` unless `fast_path` is off; everything else goes through libreco.
     """
     if threads < 1:
         raise BadArgument(f"threads must be at least 1, got {threads}")
@@ -298,25 +209,15 @@ def load_engine(
     chosen = version if version is not None else current_version(store, model_name)
     directory = version_dir(store, model_name, chosen)
     manifest = verify(directory)
-    model_class = LIBRECO_CLASSES.get(manifest.libreco_class)
-    if model_class is None:
-        raise EngineError(f"unsupported libreco class {manifest.libreco_class!r}")
-    limit_threads(threads)
+    engine: Engine
+    if fast_path and manifest.libreco_class in EMBEDDING_CLASSES:
+        from uro_recs.worker.embedding_engine import load_embedding_engine
 
-    graph = tf.Graph() if issubclass(model_class, TfBase) else None
-    path = str(directory)
-    with quiet(stderr=True):  # libreco prints parameter counts, TF warns about deprecations
-        data_info = DataInfo.load(path, LIBRECO_FILE_STEM)
-        if graph is None:
-            model = model_class.load(path, LIBRECO_FILE_STEM, data_info)
-        else:
-            # Same as model_class.load(..., manual=True), except that the session gets our
-            # thread settings instead of the ones saved with the training hyperparameters.
-            factory = _with_session_config(model_class, tf_session_config(threads))
-            with graph.as_default():
-                model = load_tf_variables(factory, path, LIBRECO_FILE_STEM, data_info)
+        engine = load_embedding_engine(directory, manifest, threads)
+    else:
+        from uro_recs.worker.libreco_engine import load_libreco_engine
 
-    engine = Engine(manifest, model, data_info, graph)
+        engine = load_libreco_engine(directory, manifest, threads)
     for key, actual in (("n_users", engine.n_users), ("n_items", engine.n_items)):
         if manifest.data.get(key) != actual:
             raise StoreCorrupt(directory, "manifest.json", f"data.{key} does not match model")
@@ -325,6 +226,7 @@ def load_engine(
         model=engine.name,
         version=engine.version,
         libreco_class=engine.libreco_class,
+        engine=type(engine).__name__,
         n_users=engine.n_users,
         n_items=engine.n_items,
         threads=threads,
@@ -333,55 +235,7 @@ def load_engine(
     return engine
 
 
-def tf_session_config(threads: int) -> dict[str, object]:
-    """The ConfigProto fields libreco's `tf_sess_config` takes, for `threads` CPU threads."""
-    return {
-        "intra_op_parallelism_threads": threads,
-        "inter_op_parallelism_threads": threads,
-        "allow_soft_placement": True,
-    }
-
-
-def limit_threads(threads: int) -> None:
-    """Cap the process's BLAS/OpenMP pools and torch's intra-op pool at `threads`."""
-    threadpool_limits(limits=threads)
-    torch.set_num_threads(threads)
-
-
-class _Discard(io.StringIO):
-    def write(self, text: str) -> int:
-        return len(text)
-
-
-@contextlib.contextmanager
-def quiet(stderr: bool = False) -> Iterator[None]:
-    """Swallow what libreco prints to stdout (and, with stderr, tqdm bars and warnings).
-
-    This swaps sys.stdout and the warning filters for the whole process: use it from one
-    thread only, and log nothing inside it.
-    """
-    sink = _Discard()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(contextlib.redirect_stdout(sink))
-        if stderr:
-            stack.enter_context(contextlib.redirect_stderr(sink))
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-        yield
-
-
-def _with_session_config(model_class: type[Any], config: dict[str, object]) -> Callable[..., Any]:
-    def construct(**hparams: Any) -> Any:
-        return model_class(**{**hparams, "tf_sess_config": config})
-
-    return construct
-
-
-def _has_embeddings(model: Any) -> bool:
-    return isinstance(model, EmbedBase) and model.item_embeds_np is not None
-
-
-def _unit_rows(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def unit_rows(matrix: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     rows = np.asarray(matrix, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     unit: npt.NDArray[np.float32] = rows / np.maximum(norms, np.float32(1e-12))
@@ -397,7 +251,7 @@ def _plain_id(value: object) -> Id:
     raise EngineError(f"id of unexpected type {type(value).__name__}")
 
 
-def _unknown_id(known: Container[Id]) -> Id:
+def _unknown_id(known: dict[Id, int]) -> Id:
     candidate = "__uro_recs_warm_up__"
     while candidate in known:
         candidate += "_"

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal, TypeAlias
 import pandas as pd
 import structlog
 
-from uro_recs.worker.engine import LIBRECO_FILE_STEM, quiet, tf_session_config
+from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet, tf_session_config
 from uro_recs.worker.model_store import (
     POPULAR_ITEMS_MAX,
     Id,

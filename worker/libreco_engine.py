@@ -1,0 +1,224 @@
+"""The libreco-backed engine: the model loaded by LibRecommender, its own calls answering.
+
+Serves every model class (DeepFM, and ALS when the numpy fast path is switched off); each
+batch costs as few libreco calls as its mix of options allows (one in the common case).
+
+Importing this module quietens TensorFlow (it sets TF_CPP_MIN_LOG_LEVEL=2 unless already set,
+which only works before TensorFlow is first imported). BLAS and OpenMP thread pools are
+capped at load time with threadpoolctl; a worker that wants them capped from the very start
+should also set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS in its environment before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import structlog
+import torch
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+from uro_recs.worker.engine import (
+    Engine,
+    EngineError,
+    Id,
+    Recommendation,
+    RecommendQuery,
+    unit_rows,
+)
+from uro_recs.worker.model_store import (
+    Manifest,
+)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # reads TF_CPP_MIN_LOG_LEVEL when first imported
+
+# libreco calls tf.disable_v2_behavior() on import, which logs deprecation warnings.
+tf.get_logger().setLevel("ERROR")
+from libreco.algorithms import ALS, DeepFM  # noqa: E402
+from libreco.bases import EmbedBase, TfBase  # noqa: E402
+from libreco.data import DataInfo  # noqa: E402
+from libreco.utils.save_load import load_tf_variables  # noqa: E402
+
+log = structlog.get_logger(__name__)
+
+# libreco's file names inside a version directory start with this stem.
+LIBRECO_FILE_STEM: Final = "model"
+LIBRECO_CLASSES: Final[dict[str, type[Any]]] = {"ALS": ALS, "DeepFM": DeepFM}
+# Upper bound on user x item scores one libreco recommend call may compute (memory guard).
+MAX_SCORES_PER_CALL: Final = 4_000_000
+
+
+@dataclass(frozen=True)
+class _Pending:
+    index: int
+    query: RecommendQuery
+    need: int  # how many ranked items to ask libreco for, room for exclusions included
+    consumed: int
+
+
+class LibrecoEngine(Engine):
+    """A model loaded with libreco. Not thread-safe: use one engine from one thread."""
+
+    def __init__(self, manifest: Manifest, model: Any, data_info: Any, graph: Any) -> None:
+        unit_items = unit_rows(model.get_item_embedding()) if _has_embeddings(model) else None
+        item_ids = [data_info.id2item[i] for i in range(data_info.n_items)]
+        super().__init__(manifest, data_info.user2id, item_ids, data_info.user_consumed, unit_items)
+        self._model = model
+        self.libreco_model = model  # for in-process baselines; serving goes through the methods
+        self._graph = graph
+
+    def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
+        """Like `recommend`, for requests that differ in n, filter_consumed or exclude."""
+        for query in queries:
+            self._check_n(query.n)
+        results: list[Recommendation | None] = [None] * len(queries)
+        by_filter: dict[bool, list[_Pending]] = {True: [], False: []}
+        for index, query in enumerate(queries):
+            user_id = self._user2id.get(query.user)
+            if user_id is None:
+                results[index] = Recommendation(self._popular_items(query), cold_start=True)
+                continue
+            consumed = len(self._user_consumed.get(user_id, ()))
+            # Decide as a single call with this query's own n would, and keep it that way.
+            filtered = self._filters(query, consumed)
+            room = sum(1 for item in query.exclude if item in self._item2id)
+            limit = self.n_items - consumed if filtered else self.n_items
+            need = min(query.n + room, limit)
+            by_filter[filtered].append(_Pending(index, query, need, consumed))
+
+        for filtered, pending in by_filter.items():
+            for n_rec, group in self._plan_calls(pending, filtered):
+                ranked = self._recommend_known([p.query.user for p in group], n_rec, filtered)
+                for p in group:
+                    items = ranked[p.query.user]
+                    kept = [item for item in items if item not in p.query.exclude]
+                    results[p.index] = Recommendation(kept[: p.query.n], cold_start=False)
+        answered = [r for r in results if r is not None]
+        assert len(answered) == len(queries), "every query gets exactly one answer"
+        return answered
+
+    def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+        """Scores (libreco's sigmoid probabilities) for `user` and each item.
+
+        Unknown items score None. An unknown user is scored as the average user (libreco's
+        cold_start="average") and the second value is True.
+        """
+        cold_start = user not in self._user2id
+        scores: list[float | None] = [None] * len(items)
+        known = [(pos, item) for pos, item in enumerate(items) if item in self._item2id]
+        if not known:
+            return scores, cold_start
+        known_items = [item for _, item in known]
+        # libreco prints a line for unknown users; TF models need one user id per item.
+        with quiet() if cold_start else contextlib.nullcontext(), self._in_graph():
+            raw = self._model.predict(user=[user] * len(known_items), item=known_items)
+        for (pos, _), score in zip(known, np.atleast_1d(raw).tolist(), strict=True):
+            scores[pos] = float(score)
+        return scores, cold_start
+
+    def _plan_calls(
+        self, pending: list[_Pending], filtered: bool
+    ) -> Iterator[tuple[int, list[_Pending]]]:
+        """Split known users into libreco calls of (n_rec, users).
+
+        Asking for more than a user needs is safe (libreco sorts its top n_rec by score, so
+        barring exact score ties a longer list starts with the shorter one), except that
+        libreco stops filtering a user's consumed items once n_rec + len(consumed) > n_items:
+        heavy users that would cross that line get a later call with a smaller n_rec.
+        """
+        remaining = sorted(pending, key=lambda p: p.need, reverse=True)
+        while remaining:
+            n_rec = remaining[0].need
+            fits = [p for p in remaining if not filtered or n_rec + p.consumed <= self.n_items]
+            remaining = [p for p in remaining if filtered and n_rec + p.consumed > self.n_items]
+            per_call = max(1, MAX_SCORES_PER_CALL // self.n_items)
+            for start in range(0, len(fits), per_call):
+                yield n_rec, fits[start : start + per_call]
+
+    def _recommend_known(self, users: list[Id], n_rec: int, filtered: bool) -> dict[Id, list[Id]]:
+        unique_users = list(dict.fromkeys(users))
+        with self._in_graph():
+            ranked = self._model.recommend_user(
+                user=unique_users, n_rec=n_rec, filter_consumed=filtered, random_rec=False
+            )
+        return {user: ranked[user].tolist() for user in unique_users}
+
+    def _in_graph(self) -> contextlib.AbstractContextManager[Any]:
+        return self._graph.as_default() if self._graph is not None else contextlib.nullcontext()
+
+
+def load_libreco_engine(directory: Path, manifest: Manifest, threads: int) -> LibrecoEngine:
+    """Load a verified version with libreco, its TF session (if any) capped at `threads`."""
+    model_class = LIBRECO_CLASSES.get(manifest.libreco_class)
+    if model_class is None:
+        raise EngineError(f"unsupported libreco class {manifest.libreco_class!r}")
+    limit_threads(threads)
+    graph = tf.Graph() if issubclass(model_class, TfBase) else None
+    path = str(directory)
+    with quiet(stderr=True):  # libreco prints parameter counts, TF warns about deprecations
+        data_info = DataInfo.load(path, LIBRECO_FILE_STEM)
+        if graph is None:
+            model = model_class.load(path, LIBRECO_FILE_STEM, data_info)
+        else:
+            # Same as model_class.load(..., manual=True), except that the session gets our
+            # thread settings instead of the ones saved with the training hyperparameters.
+            factory = _with_session_config(model_class, tf_session_config(threads))
+            with graph.as_default():
+                model = load_tf_variables(factory, path, LIBRECO_FILE_STEM, data_info)
+    return LibrecoEngine(manifest, model, data_info, graph)
+
+
+def tf_session_config(threads: int) -> dict[str, object]:
+    """The ConfigProto fields libreco's `tf_sess_config` takes, for `threads` CPU threads."""
+    return {
+        "intra_op_parallelism_threads": threads,
+        "inter_op_parallelism_threads": threads,
+        "allow_soft_placement": True,
+    }
+
+
+def limit_threads(threads: int) -> None:
+    """Cap the process's BLAS/OpenMP pools and torch's intra-op pool at `threads`."""
+    threadpool_limits(limits=threads)
+    torch.set_num_threads(threads)
+
+
+class _Discard(io.StringIO):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@contextlib.contextmanager
+def quiet(stderr: bool = False) -> Iterator[None]:
+    """Swallow what libreco prints to stdout (and, with stderr, tqdm bars and warnings).
+
+    This swaps sys.stdout and the warning filters for the whole process: use it from one
+    thread only, and log nothing inside it.
+    """
+    sink = _Discard()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(sink))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+        yield
+
+
+def _with_session_config(model_class: type[Any], config: dict[str, object]) -> Callable[..., Any]:
+    def construct(**hparams: Any) -> Any:
+        return model_class(**{**hparams, "tf_sess_config": config})
+
+    return construct
+
+
+def _has_embeddings(model: Any) -> bool:
+    return isinstance(model, EmbedBase) and model.item_embeds_np is not None
