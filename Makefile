@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: install demo serve test lint format bench-smoke clean
+.PHONY: install demo serve test lint format bench bench-smoke clean
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt ".[server,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt ".[server,dev,perf]"
 	touch $@
 
 # Our own code is installed non-editable (the folders map onto one namespace, uro_recs),
@@ -32,6 +32,13 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -ra
+
+# The full benchmark (about 20 minutes on 2 cores); results in perf/results/.
+bench: install
+	$(BIN)/python -m perf.bench
+
+bench-smoke: install
+	$(BIN)/python -m perf.bench --smoke --out build/bench-smoke
 
 format: install
 	$(BIN)/ruff check --fix .

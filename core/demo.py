@@ -74,9 +74,11 @@ def prepare(directory: Path, retrain: bool = False) -> tuple[Path, pd.DataFrame]
     return config_path, data
 
 
-def start_serving(config_path: Path) -> subprocess.Popen[bytes]:
+def start_serving(config_path: Path, quiet: bool = False) -> subprocess.Popen[bytes]:
+    """`uro-recs serve` as a child process; `quiet` sends its logs to /dev/null."""
     command = [sys.executable, "-m", "uro_recs.cli", "--config", str(config_path), "serve"]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    output = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
 
 
 def wait_ready(client: Client, models: Iterable[str], timeout_s: float = 120) -> None:

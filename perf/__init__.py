@@ -1,0 +1,1 @@
+"""Benchmarks: the load generator, the baselines and the harness that runs them side by side."""

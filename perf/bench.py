@@ -1,0 +1,385 @@
+"""The benchmark: uro-recs against in-process libreco and a FastAPI service, in one run.
+
+    python -m perf.bench                 # both catalogues, ALS and DeepFM (about 20 minutes)
+    python -m perf.bench --smoke         # seconds: demo catalogue, ALS, short steps (CI)
+
+For each catalogue and model, on the same saved model version and the same request mix
+(random known users plus 5% unknown, n=10), with one BLAS/OpenMP/TF thread everywhere:
+  - in-process: libreco's `recommend_user` called in this process, one call at a time;
+  - FastAPI: one uvicorn process holding the model, JSON over HTTP;
+  - uro-recs with 1 and with 2 workers, through the broker over IPC.
+Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
+time); the result is the highest rate whose p99 stays at or under 10 ms with no errors, and
+the p99 at half that rate. Writes a JSON file and a PNG chart, prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uro_recs.cli import apply_thread_limits
+
+apply_thread_limits(1)  # before numpy: like for like, one thread in every system
+
+import pandas as pd  # noqa: E402
+
+from perf.loadgen import (  # noqa: E402
+    RequestMix,
+    RunResult,
+    http_run,
+    sequential,
+    zmq_closed_loop,
+    zmq_open_loop,
+)
+from uro_recs.demo import start_serving, wait_ready  # noqa: E402
+from uro_recs.sdk import Client  # noqa: E402
+from uro_recs.worker.demo_data import make_interactions  # noqa: E402
+from uro_recs.worker.engine import load_engine  # noqa: E402
+from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
+from uro_recs.worker.model_store import list_versions  # noqa: E402
+from uro_recs.worker.training import ModelKind, train_and_save  # noqa: E402
+
+P99_BUDGET_MS = 10.0
+CATALOGUES: dict[str, dict[str, int]] = {
+    "demo": {"n_users": 2000, "n_items": 3000, "n_interactions": 100_000, "seed": 7},
+    "large": {"n_users": 40_000, "n_items": 50_000, "n_interactions": 1_000_000, "seed": 11},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    catalogues: list[str]
+    models: list[ModelKind]
+    step_s: float
+    growth: float
+    max_steps: int
+    smoke: bool
+
+
+def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[Path, pd.DataFrame]:
+    store = root / catalogue / "store"
+    data = make_interactions(**CATALOGUES[catalogue])
+    for kind in models:
+        if not list_versions(store, kind):
+            started = time.perf_counter()
+            train_and_save(store, kind, data, kind, threads=2)
+            print(f"trained {kind} on {catalogue} in {time.perf_counter() - started:.0f} s")
+    return store, data
+
+
+def sweep(
+    run_at: Callable[[float], RunResult], plan: Plan, first_rate: float
+) -> list[dict[str, Any]]:
+    """Raise the offered rate until p99 > budget or errors appear; then run at half the best."""
+    steps: list[dict[str, Any]] = []
+    rate = first_rate
+    best = 0.0
+    run_at(rate)  # warm-up, not counted: first requests pay for lazy imports and caches
+    for _ in range(plan.max_steps):
+        summary = run_at(rate).summary()
+        steps.append(summary)
+        good = within_budget(summary)
+        print(
+            f"    {summary['system']:<22} offered {rate:>8.0f}/s  achieved "
+            f"{summary['achieved_rate']:>8.0f}/s  p50 {summary['p50_ms']:7.3f}  "
+            f"p99 {summary['p99_ms']:8.3f} ms  errors {summary['errors'] or 0}"
+        )
+        if not good:
+            break
+        best = rate
+        rate *= plan.growth
+    if best:
+        half = run_at(best / 2).summary()
+        half["half_of_best"] = True
+        steps.append(half)
+    return steps
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def fastapi_server(store: Path, model: str) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "URO_RECS_BENCH_STORE": str(store), "URO_RECS_BENCH_MODEL": model}
+    command = [sys.executable, "-m", "uvicorn", "perf.fastapi_app:app", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--log-level", "warning", "--no-access-log"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the FastAPI baseline did not start") from None
+                time.sleep(0.2)
+        yield port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """RSS and PSS (shared pages divided among the processes sharing them) of one process."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Rss", "Pss"):
+            fields[name.lower() + "_kib"] = int(rest.split()[0])
+    return fields
+
+
+def worker_memory(serve_pid: int) -> list[dict[str, int]]:
+    """Memory of each worker that `uro-recs serve` (serve_pid) runs."""
+    children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+    workers = [
+        int(pid)
+        for pid in children
+        if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    ]
+    return [memory_kib(pid) for pid in workers]
+
+
+@contextmanager
+def uro_recs_server(
+    root: Path, store: Path, model: str, workers: int
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    run_dir = root / "run"
+    config = root / f"uro-recs-{model}-{workers}.toml"
+    config.write_text(
+        f'run_dir = "{run_dir.absolute()}"\nstore = "{store.absolute()}"\nlog_format = "json"\n'
+        f'[worker]\nthreads = 1\nslots = 64\n[[models]]\nname = "{model}"\nworkers = {workers}\n'
+    )
+    endpoint = f"ipc://{run_dir.absolute() / 'client.sock'}"
+    process = start_serving(config, quiet=True)
+    try:
+        with Client(endpoint, timeout=2.0) as client:
+            wait_ready(client, [model])
+            while sum(m.workers for m in client.info() if m.name == model) < workers:
+                time.sleep(0.1)
+        yield endpoint, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dict[str, Any]:
+    store, data = prepare_store(root, catalogue, [model])
+    mix = RequestMix(known_users=sorted(set(data["user"])))
+    step = plan.step_s
+    print(f"\n== {catalogue} catalogue, {model}")
+    engine = load_engine(store, model, threads=1, fast_path=False)
+    assert isinstance(engine, LibrecoEngine)
+    libreco_model = engine.libreco_model
+    n = mix.n
+    with open(os.devnull, "w") as null, redirect_stdout(null):  # libreco prints unknown users
+        in_process = sequential(
+            lambda u: libreco_model.recommend_user(user=u, n_rec=n, cold_start="popular"),
+            mix,
+            max(step, 1.0),
+            "in-process libreco",
+        ).summary()
+    print(
+        f"    in-process libreco     {in_process['achieved_rate']:>8.0f}/s  "
+        f"p50 {in_process['p50_ms']:.3f}  p99 {in_process['p99_ms']:.3f} ms"
+    )
+    # Start each sweep well below what one process manages in-process (slow models too).
+    first_rate = 200.0 if plan.smoke else max(10.0, round(in_process["achieved_rate"] / 20, -1))
+    systems: dict[str, list[dict[str, Any]]] = {}
+    memory: dict[str, list[dict[str, int]]] = {}
+    with fastapi_server(store, model) as port:
+        systems["fastapi"] = sweep(
+            lambda rate: http_run(
+                "127.0.0.1",
+                port,
+                mix,
+                rate=rate,
+                concurrency=64,
+                duration_s=step,
+                system="fastapi",
+            ),
+            plan,
+            first_rate,
+        )
+    for workers in (1, 2):
+        name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
+        with uro_recs_server(root, store, model, workers) as (endpoint, serve):
+            # One request at a time, like the in-process baseline it is compared with.
+            unloaded = zmq_closed_loop(endpoint, model, mix, 1, max(step, 1.0), name).summary()
+            memory[name] = worker_memory(serve.pid)
+
+            def at_rate(rate: float, endpoint: str = endpoint, name: str = name) -> RunResult:
+                return zmq_open_loop(endpoint, model, mix, rate, step, name)
+
+            systems[name] = sweep(at_rate, plan, first_rate)
+            systems[name].insert(0, {**unloaded, "unloaded": True})
+    return {
+        "catalogue": catalogue,
+        "model": model,
+        "in_process": in_process,
+        "systems": systems,
+        "worker_memory_kib": memory,
+    }
+
+
+def within_budget(summary: dict[str, Any]) -> bool:
+    """p99 within budget, every request answered, none with an error.
+
+    Open loop charges queueing to latency (measured from the intended send time), so a server
+    (or a load generator) that cannot keep up shows as a p99 over budget.
+    """
+    return (
+        summary["p99_ms"] <= P99_BUDGET_MS and not summary["errors"] and summary["unanswered"] == 0
+    )
+
+
+def best_rate(steps: list[dict[str, Any]]) -> float:
+    rates = [
+        s["offered_rate"]
+        for s in steps
+        if not s.get("unloaded") and not s.get("half_of_best") and within_budget(s)
+    ]
+    return max(rates, default=0.0)
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        base = result["in_process"]
+        rows.append(
+            {
+                "catalogue": result["catalogue"],
+                "model": result["model"],
+                "system": "in-process libreco",
+                "max_rate": base["achieved_rate"],
+                "p50_unloaded_ms": base["p50_ms"],
+                "p99_at_half_ms": None,
+                "workers_pss_mib": None,
+            }
+        )
+        for system, steps in result["systems"].items():
+            unloaded = next((s for s in steps if s.get("unloaded")), None)
+            half = next((s for s in steps if s.get("half_of_best")), None)
+            rows.append(
+                {
+                    "catalogue": result["catalogue"],
+                    "model": result["model"],
+                    "system": system,
+                    "max_rate": best_rate(steps),
+                    "p50_unloaded_ms": unloaded["p50_ms"] if unloaded else None,
+                    "p99_at_half_ms": half["p99_ms"] if half else None,
+                    "workers_pss_mib": round(
+                        sum(m["pss_kib"] for m in result["worker_memory_kib"].get(system, []))
+                        / 1024
+                    )
+                    if system in result["worker_memory_kib"]
+                    else None,
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'catalogue':<10}{'model':<8}{'system':<22}{'max rate/s (p99<=10ms)':>24}"
+        f"{'p50 unloaded ms':>17}{'p99 @ half ms':>15}{'workers PSS MiB':>17}"
+    )
+    for row in rows:
+        p50 = f"{row['p50_unloaded_ms']:.3f}" if row["p50_unloaded_ms"] is not None else "-"
+        half = f"{row['p99_at_half_ms']:.3f}" if row["p99_at_half_ms"] is not None else "-"
+        pss = str(row["workers_pss_mib"]) if row["workers_pss_mib"] is not None else "-"
+        print(
+            f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<22}"
+            f"{row['max_rate']:>24.0f}{p50:>17}{half:>15}{pss:>17}"
+        )
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        for system, steps in result["systems"].items():
+            points = sorted(
+                (s["offered_rate"], s["p99_ms"]) for s in steps if not s.get("unloaded")
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+        ax.axhline(P99_BUDGET_MS, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(result["in_process"]["achieved_rate"], color="black", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_title(f"{result['model']}, {result['catalogue']} catalogue")
+        ax.legend(fontsize=8)
+    fig.suptitle("p99 vs offered rate (dotted: in-process libreco throughput)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
+    parser.add_argument("--catalogues", default="demo,large")
+    parser.add_argument("--models", default="als,deepfm")
+    parser.add_argument("--step-s", type=float, default=3.0)
+    parser.add_argument("--dir", type=Path, default=Path("var/bench"))
+    parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    args = parser.parse_args()
+    plan = Plan(
+        catalogues=["demo"] if args.smoke else args.catalogues.split(","),
+        models=["als"] if args.smoke else args.models.split(","),
+        step_s=0.5 if args.smoke else args.step_s,
+        growth=2.0 if args.smoke else 1.5,
+        max_steps=2 if args.smoke else 14,
+        smoke=args.smoke,
+    )
+    results = [
+        bench_model(args.dir, catalogue, model, plan)
+        for catalogue in plan.catalogues
+        for model in plan.models
+    ]
+    rows = summarize(results)
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = "smoke" if args.smoke else f"bench-{stamp}"
+    report = {
+        "created_at": stamp,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op)",
+        "p99_budget_ms": P99_BUDGET_MS,
+        "plan": plan.__dict__,
+        "summary": rows,
+        "results": results,
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    chart(results, args.out / f"{name}.png")
+    print(f"\nwrote {args.out / name}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
