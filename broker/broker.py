@@ -10,13 +10,15 @@ answers "unavailable".
 from __future__ import annotations
 
 import enum
+import grp
 import heapq
 import itertools
+import os
 import signal
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +27,13 @@ import zmq
 
 from uro_recs import protocol
 from uro_recs.config import BrokerConfig
-from uro_recs.protocol import ErrorCode, Op, ProtocolError, RequestId
+from uro_recs.protocol import ErrorCode, Op, ProtocolError, Request, RequestId, RolloutArgs
 
 log = structlog.get_logger("uro_recs.broker")
 
 RECV_BATCH = 256  # messages read from one socket before looking at the others
+# Plain ints: pyzmq's flag enums cost a Python-level __or__ per frame on the hot path.
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 
 
 class PendingState(enum.Enum):
@@ -74,6 +78,7 @@ class ModelState:
     queue: deque[Pending] = field(default_factory=deque)
     workers: dict[bytes, WorkerRecord] = field(default_factory=dict)
     overloaded: bool = False  # for logging the change of state, not every rejection
+    target_version: str | None = None  # set by a rollout; workers on another version move
 
     def least_loaded(self) -> WorkerRecord | None:
         best: WorkerRecord | None = None
@@ -105,6 +110,7 @@ class Broker:
         self.draining = False
         self.drain_deadline = 0.0
         self.running = False
+        self._on_drain: Callable[[], None] | None = None
         self._seq = itertools.count(1)
         self._tiebreak = itertools.count()
         self._deadlines: list[tuple[float, int, Pending]] = []
@@ -116,6 +122,10 @@ class Broker:
             self.frontends.append(self._bind(zmq.ROUTER, endpoint, max_bytes=self._hard_max))
         self.control = self._bind(zmq.ROUTER, control_endpoint, max_bytes=self._hard_max)
         self.backend = self._bind(zmq.ROUTER, worker_endpoint)
+        for endpoint in client_endpoints:
+            _set_socket_access(endpoint, config.client_socket_mode_bits, config.client_socket_group)
+        _set_socket_access(control_endpoint, 0o600)
+        _set_socket_access(worker_endpoint, 0o600)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -142,9 +152,18 @@ class Broker:
             self.draining = True
             self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
             log.info("broker_draining", queued=self._queued(), in_flight=self._in_flight())
+            if self._on_drain is not None:
+                self._on_drain()
 
-    def run(self, on_ready: Any = None) -> None:
-        """Mediate until drained. `on_ready` is called once the sockets are bound."""
+    def run(
+        self,
+        on_ready: Any = None,
+        on_tick: Callable[[], None] | None = None,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        """Mediate until drained. `on_ready` is called once the sockets are bound, `on_tick`
+        once per loop iteration (at least every heartbeat), `on_drain` when a drain begins."""
+        self._on_drain = on_drain
         poller = zmq.Poller()
         for sock in (*self.frontends, self.control, self.backend):
             poller.register(sock, zmq.POLLIN)
@@ -160,6 +179,8 @@ class Broker:
                 next_heartbeat, self._deadlines[0][0] if self._deadlines else next_heartbeat
             )
             events = dict(poller.poll(max(0, int((wake_at - now) * 1000) + 1)))
+            if on_tick is not None:
+                on_tick()
             if self._wake_r.fileno() in events:
                 self._drain_wakeups()
             if self.backend in events:
@@ -227,6 +248,9 @@ class Broker:
             self._reply(sock, client, protocol.encode_ok(request.id, self.info()))
             return
         assert request.model is not None  # decode_request checks this for model ops
+        if request.op in protocol.CONTROL_OPS:
+            self._on_control(sock, client, request)
+            return
         if self.draining:
             self._reject(sock, client, request.id, ErrorCode.UNAVAILABLE, "broker is draining")
             return
@@ -258,6 +282,31 @@ class Broker:
         model.queue.append(pending)
         heapq.heappush(self._deadlines, (pending.deadline, next(self._tiebreak), pending))
 
+    def _on_control(self, sock: zmq.Socket[bytes], client: bytes, request: Request) -> None:
+        if sock is not self.control:
+            message = f"{request.op} is accepted on the control endpoint only"
+            self._reject(sock, client, request.id, ErrorCode.BAD_REQUEST, message)
+            return
+        assert isinstance(request.args, RolloutArgs) and request.model is not None
+        model = self.models.get(request.model)
+        if model is None:
+            message = f"no model named {request.model!r}"
+            self._reject(sock, client, request.id, ErrorCode.UNKNOWN_MODEL, message)
+            return
+        model.target_version = request.args.version
+        told = [w for w in model.workers.values() if w.version != model.target_version]
+        for worker in told:
+            self._send_worker(worker.identity, protocol.LOAD, model.target_version.encode())
+        log.info(
+            "rollout_started",
+            model=model.name,
+            version=model.target_version,
+            workers=len(model.workers),
+            moving=len(told),
+        )
+        result = {"model": model.name, "version": model.target_version, "moving": len(told)}
+        self._reply(sock, client, protocol.encode_ok(request.id, result))
+
     def _reject(
         self,
         sock: zmq.Socket[bytes],
@@ -271,7 +320,7 @@ class Broker:
 
     def _reply(self, sock: zmq.Socket[bytes], client: bytes, body: bytes) -> None:
         try:
-            sock.send_multipart([client, b"", body], zmq.NOBLOCK)
+            _send_frames(sock, client, b"", body, flags=_NOBLOCK)
             self.counters["replies_sent"] += 1
         except (zmq.Again, zmq.ZMQError):
             # The client went away (EHOSTUNREACH) or stopped reading: nothing to deliver to.
@@ -303,10 +352,8 @@ class Broker:
         pending.dispatches += 1
         worker.in_flight[seq] = pending
         # Workers share this host's CLOCK_MONOTONIC, so the deadline travels as an instant.
-        deadline = protocol.pack_u64(int(pending.deadline * 1_000_000))
-        self._send_worker(
-            worker.identity, protocol.REQUEST, protocol.pack_u64(seq), deadline, pending.body
-        )
+        header = protocol.worker_header(protocol.REQUEST, seq, int(pending.deadline * 1_000_000))
+        self._send_worker_frames(worker.identity, header, pending.body)
 
     def _pump(self, model: ModelState) -> None:
         """Hand queued requests to workers with free slots, least loaded first."""
@@ -320,9 +367,16 @@ class Broker:
             model.overloaded = False
             log.info("model_recovered", model=model.name)
 
-    def _send_worker(self, identity: bytes, command: bytes, *frames: bytes) -> None:
+    def _send_worker(self, identity: bytes, command: int, payload: bytes | None = None) -> None:
+        header = protocol.worker_header(command)
+        if payload is None:
+            self._send_worker_frames(identity, header)
+        else:
+            self._send_worker_frames(identity, header, payload)
+
+    def _send_worker_frames(self, identity: bytes, *frames: bytes) -> None:
         try:
-            self.backend.send_multipart([identity, protocol.WORKER_PROTOCOL, command, *frames])
+            _send_frames(self.backend, identity, *frames)
         except zmq.ZMQError:
             # The worker's connection is gone; its heartbeat expiry redelivers what it held.
             self.counters["worker_sends_failed"] += 1
@@ -330,10 +384,12 @@ class Broker:
     # --- workers ----------------------------------------------------------------------------
 
     def _on_worker_message(self, _sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-        if len(frames) < 3 or frames[1] != protocol.WORKER_PROTOCOL:
+        try:
+            header = protocol.parse_worker_header(frames[1] if len(frames) > 1 else b"")
+        except ProtocolError:
             self.counters["worker_messages_malformed"] += 1
             return
-        identity, command, args = frames[0], frames[2], frames[3:]
+        identity, command, args = frames[0], header.command, frames[2:]
         worker = self.workers.get(identity)
         if command == protocol.READY:
             self._on_ready(identity, args)
@@ -343,10 +399,12 @@ class Broker:
             self._send_worker(identity, protocol.DISCONNECT)
             return
         worker.expires_at = time.monotonic() + self._liveness_s
-        if command == protocol.REPLY and len(args) == 2:
-            self._on_reply(worker, args[0], args[1])
+        if command == protocol.REPLY and len(args) == 1:
+            self._on_reply(worker, header.seq, args[0])
         elif command == protocol.HEARTBEAT:
             pass
+        elif command == protocol.UPDATE and len(args) == 1:
+            self._on_update(worker, args[0])
         elif command == protocol.DISCONNECT:
             worker.draining = True
             log.info("worker_draining", worker=identity.hex(), in_flight=len(worker.in_flight))
@@ -384,14 +442,32 @@ class Broker:
             slots=hello.slots,
             workers=len(model.workers),
         )
+        if model.target_version is not None and hello.version != model.target_version:
+            self._send_worker(identity, protocol.LOAD, model.target_version.encode())
         self._pump(model)
 
-    def _on_reply(self, worker: WorkerRecord, seq_frame: bytes, body: bytes) -> None:
+    def _on_update(self, worker: WorkerRecord, frame: bytes) -> None:
+        """The worker switched versions on the same connection; what it holds stays with it."""
         try:
-            seq = protocol.unpack_u64(seq_frame)
+            hello = protocol.decode_ready(frame)
         except ProtocolError:
             self.counters["worker_messages_malformed"] += 1
             return
+        if hello.model != worker.model:
+            self.counters["worker_messages_malformed"] += 1
+            return
+        previous, worker.version = worker.version, hello.version
+        worker.slots, worker.info = hello.slots, hello.info
+        log.info(
+            "worker_version_changed",
+            worker=worker.identity.hex(),
+            model=worker.model,
+            previous=previous,
+            version=worker.version,
+        )
+        self._pump(self.models[worker.model])
+
+    def _on_reply(self, worker: WorkerRecord, seq: int, body: bytes) -> None:
         pending = worker.in_flight.pop(seq, None)
         if pending is None:
             self.counters["late_replies_dropped"] += 1
@@ -469,6 +545,8 @@ class Broker:
                     "slots": sum(w.slots for w in m.workers.values()),
                     "in_flight": sum(len(w.in_flight) for w in m.workers.values()),
                     "queued": len(m.queue),
+                    "versions": sorted({w.version for w in m.workers.values()}),
+                    "target_version": m.target_version,
                 }
                 for m in self.models.values()
             },
@@ -494,3 +572,23 @@ class Broker:
                 }
             )
         return {"models": models}
+
+
+def _set_socket_access(endpoint: str, mode: int | None, group: str = "") -> None:
+    """Set who may connect to an IPC socket file (tcp:// and abstract ipc://@ have no file)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint.removeprefix("ipc://")
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    if gid != -1 and os.stat(path).st_gid != gid:  # under systemd it already is: no chown call
+        os.chown(path, -1, gid)
+    if mode is not None:
+        os.chmod(path, mode)
+    log.info("socket_access_set", path=path, mode=None if mode is None else oct(mode), group=group)
+
+
+def _send_frames(sock: zmq.Socket[bytes], *frames: bytes, flags: int = 0) -> None:
+    """send_multipart without its per-frame overhead; the hot path sends three frames."""
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        sock.send(frame, flags | _SNDMORE if index < last else flags)

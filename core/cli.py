@@ -1,4 +1,7 @@
-"""The `uro-recs` command line: demo, serve, broker, worker, train, recommend.
+"""The `uro-recs` command line.
+
+demo, serve, broker, worker, train, recommend, rollout, rollback, db migrate, sync,
+batch-recommend, install-systemd.
 
 Heavy imports (numpy, TensorFlow, libreco) happen inside the commands that need them, after
 the thread limits are in the environment, so `uro-recs recommend` starts in milliseconds.
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from uro_recs.config import Config, load_config
 from uro_recs.logs import configure_logging
+from uro_recs.sdnotify import Notifier
 
 
 def apply_thread_limits(threads: int) -> None:
@@ -45,29 +49,56 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
         known_models=[m.name for m in config.models],
     )
     broker.install_signal_handlers()
+    systemd = Notifier.from_environ()
     try:
-        broker.run()
+        broker.run(
+            on_ready=lambda: systemd.ready("serving"),
+            on_tick=systemd.tick,
+            on_drain=lambda: systemd.stopping("draining"),
+        )
     finally:
         broker.close()
+        systemd.close()
     return 0
 
 
 def cmd_worker(config: Config, args: argparse.Namespace) -> int:
     apply_thread_limits(config.worker.threads)
-    from uro_recs.worker.engine import load_engine
+    from uro_recs.worker.engine import Engine, load_engine
     from uro_recs.worker.service import WorkerService
 
-    model = config.model(args.model)
+    model = config.model(args.model or worker_instance_model(args.instance))
     version = args.version or model.version or None
-    engine = load_engine(config.store, model.name, version, threads=config.worker.threads)
-    engine.warm_up()
-    service = WorkerService(engine, config.worker_endpoint, config.worker, config.broker)
+
+    def load(version: str | None) -> Engine:
+        engine = load_engine(config.store, model.name, version, threads=config.worker.threads)
+        engine.warm_up()
+        return engine
+
+    engine = load(version)
+    service = WorkerService(
+        engine, config.worker_endpoint, config.worker, config.broker, loader=load
+    )
     service.install_signal_handlers()
+    systemd = Notifier.from_environ()
     try:
-        service.run()
+        service.run(
+            on_ready=lambda: systemd.ready(f"serving {engine.name} {engine.version}"),
+            on_tick=systemd.tick,
+            on_drain=lambda: systemd.stopping("draining"),
+        )
     finally:
         service.close()
+        systemd.close()
     return 0
+
+
+def worker_instance_model(instance: str) -> str:
+    """The model of a systemd worker instance: "als-1" serves "als"."""
+    name, _, number = instance.rpartition("-")
+    if not name or not number.isdigit():
+        raise SystemExit(f"worker: instance {instance!r} is not <model>-<number>, e.g. als-1")
+    return name
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -102,6 +133,126 @@ def cmd_recommend(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout(config: Config, args: argparse.Namespace) -> int:
+    from uro_recs.rollout import RolloutError, print_summary, rollout
+    from uro_recs.sdk import UroRecsError
+    from uro_recs.worker.model_store import current_version
+
+    model = args.model or config.sync.model
+    try:
+        version = args.version or current_version(config.store, model)
+        print_summary(rollout(config, model, version, timeout_s=args.timeout))
+    except (RolloutError, UroRecsError, OSError) as exc:
+        print(f"rollout failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
+    from uro_recs.rollout import RolloutError, previous_version, print_summary
+    from uro_recs.rollout import rollout as roll
+    from uro_recs.sdk import UroRecsError
+
+    try:
+        version = previous_version(config, args.model)
+        print_summary(roll(config, args.model, version, timeout_s=args.timeout))
+    except (RolloutError, UroRecsError, OSError) as exc:
+        print(f"rollback failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_install_systemd(_config: Config, args: argparse.Namespace) -> int:
+    from uro_recs.install import InstallError, install_systemd
+
+    try:
+        report = install_systemd(
+            root=args.root, executable=args.exec, members=args.member, reload=not args.no_reload
+        )
+    except InstallError as error:
+        print(f"install-systemd: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(report))
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_db_migrate(config: Config, _args: argparse.Namespace) -> int:
+    import asyncio
+
+    from uro_recs.sdk.db import Database, DatabaseError, migrate
+
+    async def run() -> str:
+        async with await Database.connect(config.database) as db:
+            report = await migrate(db)
+            return (
+                f"db migrate ({db.flavor}): {len(report.applied)} applied"
+                f" {report.applied or ''}, {len(report.already)} already there,"
+                f" {report.seconds:.2f} s"
+            )
+
+    try:
+        print(asyncio.run(run()))
+    except (DatabaseError, OSError) as error:
+        print(f"db migrate failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sync(config: Config, args: argparse.Namespace) -> int:
+    apply_thread_limits(config.sync.threads)
+    import asyncio
+
+    from uro_recs.sdk.db import DatabaseError
+    from uro_recs.sdk.sync import SyncError, run_sync
+
+    try:
+        report = asyncio.run(
+            run_sync(
+                config,
+                model=args.model,
+                kind=args.kind,
+                force=args.force,
+                progress=sys.stderr.isatty(),
+                say=_say,
+            )
+        )
+    except (SyncError, DatabaseError, OSError) as error:
+        print(f"sync failed: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0 if report.status == "published" else 3
+
+
+def cmd_batch_recommend(config: Config, args: argparse.Namespace) -> int:
+    apply_thread_limits(config.sync.threads)
+    import asyncio
+
+    from uro_recs.sdk.batch import batch_recommend
+    from uro_recs.sdk.db import DatabaseError
+    from uro_recs.worker.model_store import StoreError
+
+    try:
+        report = asyncio.run(
+            batch_recommend(
+                config,
+                model=args.model,
+                version=args.version,
+                n=args.n,
+                progress=sys.stderr.isatty(),
+                say=_say,
+            )
+        )
+    except (DatabaseError, StoreError, OSError) as error:
+        print(f"batch-recommend failed, the live generation is unchanged: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
 def cmd_demo(_config: Config, args: argparse.Namespace) -> int:
     from uro_recs.demo import run_demo
 
@@ -127,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("broker", help="run the broker alone").set_defaults(func=cmd_broker)
 
     worker = sub.add_parser("worker", help="run one worker for one model")
-    worker.add_argument("--model", required=True)
+    which = worker.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model")
+    which.add_argument("--instance", help="a systemd instance name <model>-<n>, e.g. als-1")
     worker.add_argument("--version", default="", help="default: the store's CURRENT version")
     worker.set_defaults(func=cmd_worker)
 
@@ -144,6 +297,66 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("-n", "--n", type=int, default=10)
     recommend.add_argument("--endpoint", default="", help="default: the configured IPC socket")
     recommend.set_defaults(func=cmd_recommend)
+
+    rollout = sub.add_parser("rollout", help="move a model's workers to a stored version")
+    rollout.add_argument("model", nargs="?", default="", help="default: [sync] model")
+    rollout.add_argument("version", nargs="?", default="", help="default: the store's CURRENT")
+    rollout.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    rollout.set_defaults(func=cmd_rollout)
+
+    rollback = sub.add_parser("rollback", help="move a model back to its previous version")
+    rollback.add_argument("model")
+    rollback.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    rollback.set_defaults(func=cmd_rollback)
+
+    install = sub.add_parser(
+        "install-systemd", help="lay out the user, directories, config and systemd units"
+    )
+    install.add_argument(
+        "--root", type=Path, default=Path("/"), help="install into this file system root"
+    )
+    install.add_argument(
+        "--exec",
+        type=Path,
+        default=None,
+        help="the uro-recs executable the units run, as seen from the root "
+        "(default: the one next to this Python)",
+    )
+    install.add_argument(
+        "--member",
+        action="append",
+        default=[],
+        help="a user that may connect to the client socket (joins the uro-recs group)",
+    )
+    install.add_argument(
+        "--no-reload", action="store_true", help="do not run systemctl daemon-reload"
+    )
+    install.set_defaults(func=cmd_install_systemd)
+    db = sub.add_parser("db", help="uro-recs' tables in uro's database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("migrate", help="create or update the tables (idempotent)").set_defaults(
+        func=cmd_db_migrate
+    )
+
+    sync = sub.add_parser(
+        "sync", help="export interactions, train, evaluate, publish into store and registry"
+    )
+    sync.add_argument("--model", default=None, help="default: [sync] model")
+    sync.add_argument(
+        "--kind", choices=["als", "deepfm"], default=None, help="default: [sync] kind"
+    )
+    sync.add_argument(
+        "--force", action="store_true", help="publish even if it scores below popularity"
+    )
+    sync.set_defaults(func=cmd_sync)
+
+    batch = sub.add_parser(
+        "batch-recommend", help="write top-N per item kind for every user, then flip to it"
+    )
+    batch.add_argument("--model", default=None, help="default: [sync] model")
+    batch.add_argument("--version", default=None, help="default: the store's CURRENT version")
+    batch.add_argument("-n", "--n", type=int, default=None, help="default: [sync] batch_n")
+    batch.set_defaults(func=cmd_batch_recommend)
     return parser
 
 

@@ -24,6 +24,20 @@ class BrokerConfig:
     default_timeout_ms: int = 5_000  # budget of a request that names none
     max_message_bytes: int = 1 << 20  # larger client messages get "too_large"
     drain_timeout_s: float = 10.0  # on SIGTERM, time allowed to finish accepted requests
+    # Who may connect to the client IPC socket (connecting needs write permission). Empty: as
+    # the umask leaves it. Under systemd: "0660" and the group uro's user belongs to. The
+    # control and workers sockets are always owner-only (0600).
+    client_socket_mode: str = ""  # octal, e.g. "0660"
+    client_socket_group: str = ""  # e.g. "uro-recs"
+
+    def __post_init__(self) -> None:
+        mode = self.client_socket_mode
+        if mode and (not all(c in "01234567" for c in mode) or int(mode, 8) > 0o777):
+            raise ConfigError(f"broker.client_socket_mode: expected octal like 0660, got {mode!r}")
+
+    @property
+    def client_socket_mode_bits(self) -> int | None:
+        return int(self.client_socket_mode, 8) if self.client_socket_mode else None
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,39 @@ class WorkerConfig:
     threads: int = 1  # TF / torch / BLAS threads per worker
     max_batch_delay_ms: float = 0.0  # wait this long for more requests to batch together
     drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """uro's CockroachDB (or PostgreSQL) and how the sync path talks to it."""
+
+    url: str = "postgresql://postgres@127.0.0.1:5432/uro"
+    pool_size: int = 4
+    connect_timeout_s: float = 10.0
+    # Whole-transaction attempts on SQLSTATE 40001 and lost connections, with capped
+    # exponential backoff: about 10 s in all with these values, enough for a restart.
+    retry_attempts: int = 10
+    retry_base_delay_s: float = 0.05
+    retry_max_delay_s: float = 2.0
+    page_rows: int = 10_000  # export: rows per keyset page
+    batch_rows: int = 1_000  # writes: rows per statement, one transaction each
+    write_concurrency: int = 4  # write transactions in flight at once
+    use_copy: bool = False  # binary COPY instead of multi-row INSERT (CockroachDB >= 23.1)
+    lease_ttl_s: float = 120.0  # a sync or batch that stops renewing loses its lease
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """`uro-recs sync` (export, train, evaluate, publish) and `uro-recs batch-recommend`."""
+
+    model: str = "als"  # the model's name in the store and the registry
+    kind: str = "als"  # the libreco model trained for it: "als" or "deepfm"
+    test_fraction: float = 0.2  # each user's latest interactions held out for evaluation
+    refit: bool = True  # after evaluating, train again on everything before publishing
+    threads: int = 2  # training threads
+    save_weight: float = 1.0  # label weight of a backpack save; events carry their own
+    batch_n: int = 20  # batch recommendations per user and item kind
+    keep_generations: int = 2  # batch generations kept: the live one and the one before
 
 
 @dataclass(frozen=True)
@@ -48,6 +95,8 @@ class Config:
     log_format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     models: tuple[ModelConfig, ...] = ()
 
     @property
@@ -129,8 +178,12 @@ def load_config(path: Path | None = None) -> Config:
     worker = WorkerConfig(
         **_section(WorkerConfig, data.get("worker", {}), "URO_RECS_WORKER_", "worker.")
     )
+    database = DatabaseConfig(
+        **_section(DatabaseConfig, data.get("database", {}), "URO_RECS_DATABASE_", "database.")
+    )
+    sync = SyncConfig(**_section(SyncConfig, data.get("sync", {}), "URO_RECS_SYNC_", "sync."))
     models = tuple(
         ModelConfig(**_section(ModelConfig, entry, None, f"models[{i}]."))
         for i, entry in enumerate(data.get("models", []))
     )
-    return Config(**top, broker=broker, worker=worker, models=models)
+    return Config(**top, broker=broker, worker=worker, database=database, sync=sync, models=models)

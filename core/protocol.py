@@ -53,9 +53,12 @@ class Op(StrEnum):
     SIMILAR_ITEMS = "similar_items"
     INFO = "info"
     STATS = "stats"
+    ROLLOUT = "rollout"
 
 
 MODEL_OPS = frozenset({Op.RECOMMEND, Op.PREDICT, Op.SIMILAR_ITEMS})
+CONTROL_OPS = frozenset({Op.ROLLOUT})  # accepted on the control endpoint only
+MAX_VERSION_CHARS = 128
 
 
 class ProtocolError(Exception):
@@ -93,11 +96,16 @@ class SimilarItemsArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutArgs:
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
 class NoArgs:
     pass
 
 
-OpArgs: TypeAlias = RecommendArgs | PredictArgs | SimilarItemsArgs | NoArgs
+OpArgs: TypeAlias = RecommendArgs | PredictArgs | SimilarItemsArgs | RolloutArgs | NoArgs
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +229,13 @@ def _similar_items_args(args: Mapping[str, Any], rid: RequestId) -> SimilarItems
     return SimilarItemsArgs(item=_entity_id(args["item"], "item", rid), n=_count(args, rid))
 
 
+def _rollout_args(args: Mapping[str, Any], rid: RequestId) -> RolloutArgs:
+    version = args.get("version")
+    if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION_CHARS:
+        _fail(f"version: expected a string of 1..{MAX_VERSION_CHARS} chars", rid)
+    return RolloutArgs(version=version)
+
+
 def _op_args(op: Op, args: Mapping[str, Any], rid: RequestId) -> OpArgs:
     if op is Op.RECOMMEND:
         return _recommend_args(args, rid)
@@ -228,6 +243,8 @@ def _op_args(op: Op, args: Mapping[str, Any], rid: RequestId) -> OpArgs:
         return _predict_args(args, rid)
     if op is Op.SIMILAR_ITEMS:
         return _similar_items_args(args, rid)
+    if op is Op.ROLLOUT:
+        return _rollout_args(args, rid)
     return NoArgs()
 
 
@@ -272,7 +289,7 @@ def decode_request(body: bytes, max_bytes: int) -> Request:
     except ValueError:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r}", rid) from None
     model = obj.get("model")
-    if op in MODEL_OPS and not isinstance(model, str):
+    if (op in MODEL_OPS or op in CONTROL_OPS) and not isinstance(model, str):
         _fail("model: expected a string naming the model", rid)
     if model is not None and not isinstance(model, str):
         _fail("model: expected a string", rid)
@@ -356,28 +373,38 @@ def client_body(frames: Sequence[bytes]) -> bytes:
 
 
 # --- broker <-> worker --------------------------------------------------------------------
-# Every worker-side message starts with WORKER_PROTOCOL and a one-byte command.
+# Every worker-side message starts with one 21-byte header frame: b"URW1", a command byte,
+# a sequence number and a deadline (u64 big-endian, 0 where unused), then the command's
+# payload frames. One header frame instead of four keeps the per-request cost down.
 
 WORKER_PROTOCOL = b"URW1"
+READY = 1  # worker -> broker; payload: msgpack{model, version, slots, info}
+REQUEST = 2  # broker -> worker; seq, deadline (µs of the host's CLOCK_MONOTONIC); payload: body
+REPLY = 3  # worker -> broker; seq; payload: the reply body
+HEARTBEAT = 4  # both ways; no payload
+DISCONNECT = 5  # both ways; no payload. Worker: draining. Broker: released / register again
+LOAD = 6  # broker -> worker; payload: version (UTF-8): load it, warm it up, switch to it
+UPDATE = 7  # worker -> broker; payload as READY: this connection now serves that version
+
+_HEADER = struct.Struct(">4sBQQ")
 
 
-READY = b"\x01"  # worker -> broker: [URW1, READY, msgpack{model, version, slots, info}]
-REQUEST = b"\x02"  # broker -> worker: [URW1, REQUEST, seq u64, deadline_us u64, body]
-REPLY = b"\x03"  # worker -> broker: [URW1, REPLY, seq u64, body]
-HEARTBEAT = b"\x04"  # both ways: [URW1, HEARTBEAT]
-DISCONNECT = b"\x05"  # both ways: [URW1, DISCONNECT]; worker: draining, broker: re-register
-
-_U64 = struct.Struct(">Q")
+@dataclass(frozen=True, slots=True)
+class WorkerHeader:
+    command: int
+    seq: int = 0
+    deadline_us: int = 0
 
 
-def pack_u64(value: int) -> bytes:
-    return _U64.pack(value)
+def worker_header(command: int, seq: int = 0, deadline_us: int = 0) -> bytes:
+    return _HEADER.pack(WORKER_PROTOCOL, command, seq, deadline_us)
 
 
-def unpack_u64(frame: bytes) -> int:
-    if len(frame) != 8:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "expected an 8-byte integer frame")
-    return int(_U64.unpack(frame)[0])
+def parse_worker_header(frame: bytes) -> WorkerHeader:
+    if len(frame) != _HEADER.size or not frame.startswith(WORKER_PROTOCOL):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "not a URW1 worker-protocol header")
+    _, command, seq, deadline_us = _HEADER.unpack(frame)
+    return WorkerHeader(command, seq, deadline_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,9 +415,10 @@ class WorkerHello:
     info: dict[str, Any]
 
 
-def encode_ready(hello: WorkerHello) -> list[bytes]:
+def encode_ready(hello: WorkerHello, command: int = READY) -> list[bytes]:
+    """READY (registering) or UPDATE (same connection, now serving another version)."""
     meta = {"model": hello.model, "version": hello.version, "slots": hello.slots}
-    return [WORKER_PROTOCOL, READY, _pack({**meta, "info": hello.info})]
+    return [worker_header(command), _pack({**meta, "info": hello.info})]
 
 
 def decode_ready(frame: bytes) -> WorkerHello:

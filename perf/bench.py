@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ from perf.loadgen import (  # noqa: E402
     RunResult,
     http_run,
     sequential,
-    zmq_closed_loop,
     zmq_open_loop,
 )
 from uro_recs.demo import start_serving, wait_ready  # noqa: E402
@@ -223,8 +223,11 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
     for workers in (1, 2):
         name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
         with uro_recs_server(root, store, model, workers) as (endpoint, serve):
-            # One request at a time, like the in-process baseline it is compared with.
-            unloaded = zmq_closed_loop(endpoint, model, mix, 1, max(step, 1.0), name).summary()
+            # One request at a time through the SDK, measured like the in-process baseline.
+            with Client(endpoint, model=model, timeout=5.0) as client:
+                unloaded = sequential(
+                    partial(client.recommend, n=n), mix, max(step, 1.0), name
+                ).summary()
             memory[name] = worker_memory(serve.pid)
 
             def at_rate(rate: float, endpoint: str = endpoint, name: str = name) -> RunResult:

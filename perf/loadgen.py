@@ -323,3 +323,30 @@ def sequential(
         result.ok += 1
     result.duration_s = time.perf_counter() - start
     return result
+
+
+def main() -> None:
+    """Drive a running broker by hand: `python -m perf.loadgen --mode open --rate 2000`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--endpoint", default="ipc://var/demo/run/client.sock")
+    parser.add_argument("--model", default="als")
+    parser.add_argument("--mode", choices=["open", "closed"], default="open")
+    parser.add_argument("--rate", type=float, default=1000.0, help="requests/s (open loop)")
+    parser.add_argument("--concurrency", type=int, default=16, help="in flight (closed loop)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds")
+    parser.add_argument("--users", nargs="+", required=True, help="known user ids to ask for")
+    args = parser.parse_args()
+    mix = RequestMix(known_users=args.users)
+    if args.mode == "open":
+        result = zmq_open_loop(args.endpoint, args.model, mix, args.rate, args.duration, "cli")
+    else:
+        result = zmq_closed_loop(
+            args.endpoint, args.model, mix, args.concurrency, args.duration, "cli"
+        )
+    print(json.dumps(result.summary(), indent=1))
+
+
+if __name__ == "__main__":
+    main()

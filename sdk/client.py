@@ -245,6 +245,9 @@ class _BaseClient:
     def _stats(self, timeout: float | None) -> _Call[dict[str, Any]]:
         return self._new_call(Op.STATS, None, {}, parse_stats, timeout)
 
+    def _rollout(self, model: str, version: str, timeout: float | None) -> _Call[dict[str, Any]]:
+        return self._new_call(Op.ROLLOUT, model, {"version": version}, dict, timeout)
+
     # --- attempts and replies ---------------------------------------------------------------
 
     def _attempt(self, call: _Call[Any]) -> tuple[int, bytes]:
@@ -371,6 +374,10 @@ class Client(_BaseClient):
     def stats(self, timeout: float | None = None) -> dict[str, Any]:
         """The broker's live statistics, as the map it sent."""
         return self._run(self._stats(timeout))
+
+    def rollout(self, model: str, version: str, timeout: float | None = None) -> dict[str, Any]:
+        """Move `model`'s workers to `version` (control endpoint only); returns at once."""
+        return self._run(self._rollout(model, version, timeout))
 
     def close(self) -> None:
         """Close the socket, after the call in progress (if any) ends."""
@@ -520,6 +527,12 @@ class AsyncClient(_BaseClient):
     async def stats(self, timeout: float | None = None) -> dict[str, Any]:
         """The broker's live statistics, as the map it sent."""
         return await self._run(self._stats(timeout))
+
+    async def rollout(
+        self, model: str, version: str, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Move `model`'s workers to `version` (control endpoint only); returns at once."""
+        return await self._run(self._rollout(model, version, timeout))
 
     async def aclose(self) -> None:
         """Close the socket; calls still waiting raise RuntimeError."""

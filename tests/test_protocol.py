@@ -92,8 +92,8 @@ def test_retry_flag_follows_the_error_table() -> None:
 def test_worker_ready_round_trips_and_rejects_zero_slots() -> None:
     hello = protocol.WorkerHello("als", "v1", 8, {"n_items": 3})
     frames = protocol.encode_ready(hello)
-    assert frames[:2] == [protocol.WORKER_PROTOCOL, protocol.READY]
-    assert protocol.decode_ready(frames[2]) == hello
+    assert protocol.parse_worker_header(frames[0]) == protocol.WorkerHeader(protocol.READY)
+    assert protocol.decode_ready(frames[1]) == hello
     bad = msgpack.packb({"model": "als", "version": "v1", "slots": 0, "info": {}})
     with pytest.raises(ProtocolError):
         protocol.decode_ready(bad)
@@ -103,3 +103,14 @@ def test_reply_that_breaks_the_contract_is_internal() -> None:
     with pytest.raises(ProtocolError) as caught:
         protocol.decode_reply(msgpack.packb({"v": 1, "id": 1}))
     assert caught.value.code is ErrorCode.INTERNAL
+
+
+def test_worker_header_carries_command_seq_and_deadline() -> None:
+    frame = protocol.worker_header(protocol.REQUEST, seq=7, deadline_us=123_456)
+    assert len(frame) == 21 and frame.startswith(b"URW1")
+    assert protocol.parse_worker_header(frame) == protocol.WorkerHeader(
+        protocol.REQUEST, 7, 123_456
+    )
+    for bad in (b"", b"URW1", b"XXXX" + frame[4:], frame + b"\0"):
+        with pytest.raises(ProtocolError):
+            protocol.parse_worker_header(bad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ log = structlog.get_logger("uro_recs.worker")
 
 @dataclass(slots=True)
 class Job:
-    seq: bytes  # the broker's sequence frame, echoed in the reply
+    seq: int  # the broker's sequence number, echoed in the reply
     deadline: float  # time.monotonic() seconds
     body: bytes
 
@@ -56,8 +57,11 @@ class WorkerService:
         config: WorkerConfig,
         broker: BrokerConfig,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        loader: Callable[[str], Engine] | None = None,
     ) -> None:
+        """`loader(version)` loads and warms up another version of the model (for rollouts)."""
         self.engine = engine
+        self.loader = loader
         self.endpoint = endpoint
         self.config = config
         self.heartbeat_s = broker.heartbeat_ms / 1000
@@ -69,7 +73,10 @@ class WorkerService:
         self.drain_deadline = 0.0
         self.running = False
         self.served = 0
+        self._on_drain: Callable[[], None] | None = None
         self._sock: zmq.Socket[bytes] | None = None
+        self._loading: str | None = None  # the version a background thread is loading
+        self._loaded: Engine | None = None  # loaded and warm, waiting for the swap
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -87,6 +94,8 @@ class WorkerService:
             self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
             self._send(protocol.DISCONNECT)
             log.info("worker_draining", model=self.engine.name)
+            if self._on_drain is not None:
+                self._on_drain()
 
     def _connect(self) -> zmq.Socket[bytes]:
         if self._sock is not None:
@@ -99,7 +108,7 @@ class WorkerService:
         self._register()
         return sock
 
-    def _register(self) -> None:
+    def _register(self, command: int = protocol.READY) -> None:
         assert self._sock is not None
         hello = protocol.WorkerHello(
             model=self.engine.name,
@@ -107,13 +116,21 @@ class WorkerService:
             slots=self.config.slots,
             info=self.engine.info(),
         )
-        self._sock.send_multipart(protocol.encode_ready(hello))
+        self._sock.send_multipart(protocol.encode_ready(hello, command))
 
-    def _send(self, command: bytes, *frames: bytes) -> None:
+    def _send(self, command: int, *payload: bytes, seq: int = 0) -> None:
         if self._sock is not None:
-            self._sock.send_multipart([protocol.WORKER_PROTOCOL, command, *frames])
+            self._sock.send_multipart([protocol.worker_header(command, seq), *payload])
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+    def run(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until drained. `on_ready` is called once READY is sent to the broker, `on_tick`
+        once per loop iteration (at least every heartbeat), `on_drain` when a drain begins."""
+        self._on_drain = on_drain
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -133,6 +150,8 @@ class WorkerService:
         while self.running:
             timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
+            if on_tick is not None:
+                on_tick()
             if self._wake_r.fileno() in events:
                 self._drain_wakeups()
             if sock in events:
@@ -140,6 +159,8 @@ class WorkerService:
                 broker_expires = time.monotonic() + self.liveness_s
                 if jobs:
                     self._execute(jobs)
+            if self._loaded is not None:
+                self._swap()
             now = time.monotonic()
             if now >= next_heartbeat:
                 self._send(protocol.HEARTBEAT)
@@ -194,13 +215,18 @@ class WorkerService:
         return jobs
 
     def _on_message(self, frames: list[bytes]) -> Job | None:
-        if len(frames) < 2 or frames[0] != protocol.WORKER_PROTOCOL:
+        try:
+            header = protocol.parse_worker_header(frames[0])
+        except ProtocolError:
             log.warning("broker_message_malformed", frames=len(frames))
             return None
-        command = frames[1]
-        if command == protocol.REQUEST and len(frames) == 5:
-            deadline = protocol.unpack_u64(frames[3]) / 1_000_000  # the host's CLOCK_MONOTONIC
-            return Job(seq=frames[2], deadline=deadline, body=frames[4])
+        command = header.command
+        if command == protocol.REQUEST and len(frames) == 2:
+            deadline = header.deadline_us / 1_000_000  # the host's CLOCK_MONOTONIC
+            return Job(seq=header.seq, deadline=deadline, body=frames[1])
+        if command == protocol.LOAD and len(frames) == 2:
+            self._start_loading(frames[1].decode(errors="replace"))
+            return None
         if command == protocol.DISCONNECT:
             if self.draining:
                 self.running = False  # the broker has let us go
@@ -209,9 +235,44 @@ class WorkerService:
                 self._register()
         return None
 
+    # --- rollout: load the next version beside the current one, then switch -------------------
+
+    def _start_loading(self, version: str) -> None:
+        if self.loader is None or version in (self.engine.version, self._loading):
+            return
+        if self._loading is not None:
+            log.warning("rollout_busy", model=self.engine.name, loading=self._loading)
+            return
+        self._loading = version
+        log.info("version_loading", model=self.engine.name, version=version)
+        threading.Thread(target=self._load, args=(version,), daemon=True).start()
+
+    def _load(self, version: str) -> None:
+        """In a background thread, while the loop keeps serving the current version."""
+        assert self.loader is not None
+        try:
+            self._loaded = self.loader(version)
+        except Exception:
+            log.exception("version_load_failed", model=self.engine.name, version=version)
+            self._loading = None
+        self._wake_w.send(b"\0")  # wake the loop so it switches now, not at the next poll
+
+    def _swap(self) -> None:
+        """Between batches: nothing is running, so every later request sees the new version."""
+        assert self._loaded is not None
+        previous, self.engine, self._loaded = self.engine, self._loaded, None
+        self._loading = None
+        self._register(protocol.UPDATE)
+        log.info(
+            "version_switched",
+            model=self.engine.name,
+            previous=previous.version,
+            version=self.engine.version,
+        )
+
     def _reply(self, job: Job, body: bytes) -> None:
         self.served += 1
-        self._send(protocol.REPLY, job.seq, body)
+        self._send(protocol.REPLY, body, seq=job.seq)
 
     def _reply_error(self, job: Job, request_id: Any, code: ErrorCode, message: str) -> None:
         self._reply(job, protocol.encode_error(request_id, code, message))

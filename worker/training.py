@@ -9,8 +9,10 @@ so several can live in one process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
@@ -34,6 +36,7 @@ from libreco import __version__ as libreco_version
 from libreco.algorithms import ALS, DeepFM
 from libreco.data import DatasetFeat, DatasetPure, split_by_ratio_chrono
 from libreco.evaluation import evaluate
+from libreco.evaluation.metrics import listwise_scores, ndcg_at_k, recall_at_k
 
 log = structlog.get_logger(__name__)
 
@@ -88,9 +91,14 @@ def train_model(
     embed_size: int | None = None,
     test_fraction: float = 0.2,
     threads: int = 1,
+    refit: bool = False,
 ) -> TrainedModel:
     """Train an ALS or DeepFM ranking model; `epochs` and `embed_size` default per kind.
 
+    With a hold-out (`test_fraction > 0`) the metrics include a popularity baseline scored on
+    the same users and items (`popularity_recall@10`, `popularity_ndcg@10`). With `refit` the
+    model is then trained again on all of `df`, so the published model has seen the newest
+    interactions too; the metrics stay those of the hold-out evaluation.
     With `test_fraction=0` the model trains on everything and no metrics are computed.
     """
     if kind not in ("als", "deepfm"):
@@ -116,7 +124,25 @@ def train_model(
             built.model.fit(built.train_set, neg_sampling=True, verbose=0)
         fit_seconds = time.perf_counter() - fit_started
         metrics = {} if built.test_set is None else _evaluate(built.model, built.test_set, seed)
+        if built.test_set is not None:
+            metrics.update(_evaluate_popularity(built.data_info, train, built.test_set))
     metrics["fit_seconds"] = round(fit_seconds, 3)
+    if refit and test is not None:
+        final = train_model(
+            df,
+            kind,
+            seed=seed,
+            epochs=epochs,
+            embed_size=embed_size,
+            test_fraction=0,
+            threads=threads,
+        )
+        return dataclasses.replace(
+            final,
+            metrics={**metrics, "refit_seconds": final.metrics["fit_seconds"]},
+            params={**final.params, "test_fraction": test_fraction, "refit": True},
+            data={**final.data, "n_eval_interactions": len(test)},
+        )
 
     data_info = built.data_info
     trained = TrainedModel(
@@ -159,6 +185,7 @@ def train_and_save(
     embed_size: int | None = None,
     test_fraction: float = 0.2,
     threads: int = 1,
+    refit: bool = False,
 ) -> Path:
     """Train, save as a new store version (named for the current UTC time unless given),
     and make it the model's CURRENT version unless told not to. Returns the version dir."""
@@ -170,6 +197,7 @@ def train_and_save(
         embed_size=embed_size,
         test_fraction=test_fraction,
         threads=threads,
+        refit=refit,
     )
     chosen = version if version is not None else new_version_name()
     path = save_version(store, model_name, chosen, trained.save, trained.manifest_fields())
@@ -257,3 +285,22 @@ def _evaluate(model: Any, test_set: Any, seed: int) -> dict[str, float]:
             model, test_set, neg_sampling=True, metrics=["recall", "ndcg"], k=EVAL_K, seed=seed
         )
     return {f"{name}@{EVAL_K}": round(float(value), 6) for name, value in scores.items()}
+
+
+def _evaluate_popularity(data_info: Any, train: pd.DataFrame, test_set: Any) -> dict[str, float]:
+    """recall@10 and ndcg@10 of "the most popular items the user has not consumed", computed
+    exactly as libreco's `evaluate` scores a model: same users, same held-out items."""
+    ranked = [data_info.item2id[item] for item in popular_items(train, limit=len(train))]
+    recommended = {}
+    for user in test_set.positive_consumed:
+        consumed = data_info.user_consumed.get(user, [])
+        # libreco filters consumed items only while k + len(consumed) <= n_items
+        skip = set(consumed) if EVAL_K + len(consumed) <= data_info.n_items else set()
+        recommended[user] = list(islice((i for i in ranked if i not in skip), EVAL_K))
+    users = list(test_set.positive_consumed)
+    return {
+        f"popularity_{name}@{EVAL_K}": round(
+            float(listwise_scores(fn, test_set.positive_consumed, recommended, users, EVAL_K)), 6
+        )
+        for name, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))
+    }

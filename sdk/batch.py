@@ -1,0 +1,451 @@
+"""`uro-recs batch-recommend`: top-N per item kind for every user the model knows, written
+into `recs_user_recommendations` as a new generation, then made live by one pointer flip.
+
+Readers go through the `recs_live_user_recommendations` view, which joins the one-row
+`recs_recommendation_pointer`: each statement sees exactly one generation, so uro never shows
+a user half of yesterday's list and half of today's. Rows of a generation are written in
+batches (one statement and one transaction each, retried on SQLSTATE 40001) while readers
+still see the previous one; the flip is one small transaction; generations older than the
+last `keep_generations` are then deleted in batches.
+
+The users are the model's users, i.e. everyone with an interaction in the data the model was
+trained on ("active"). Items are the model's items that are public now, per kind; a user's
+consumed items are left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from tqdm import tqdm
+
+from uro_recs.config import Config
+from uro_recs.sdk.db import ITEM_KINDS, Database, Lease
+from uro_recs.sdk.export import read_catalog
+
+if TYPE_CHECKING:
+    from uro_recs.sdk.db import Connection
+
+log = structlog.get_logger(__name__)
+
+TABLE: Final = "recs_user_recommendations"
+COLUMNS: Final = (
+    "generation",
+    "user_id",
+    "item_kind",
+    "rank",
+    "item_id",
+    "score",
+    "model_version",
+    "generated_at",
+)
+LEASE_NAME: Final = "batch-recommend"
+# user x item scores computed at once: bounds the memory of one chunk (16 MB of float32)
+SCORES_PER_CHUNK: Final = 4_000_000
+
+Row = tuple[str, str, int, str, float]  # user_id, item_kind, rank, item_id, score
+
+
+@dataclass
+class BatchReport:
+    model: str
+    version: str = ""
+    generation: int = 0
+    n_users: int = 0
+    rows_by_kind: dict[str, int] = field(default_factory=dict)
+    purged: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    retries: int = 0
+    method: str = "multi-row INSERT"
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.rows_by_kind.values())
+
+    @property
+    def rows_per_s(self) -> float:
+        seconds = self.timings.get("write", 0.0)
+        return self.n_rows / seconds if seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{kind} {rows:,}" for kind, rows in self.rows_by_kind.items())
+        lines = [
+            f"batch-recommend {self.model}/{self.version}: generation {self.generation} is LIVE",
+            f"  rows:     {self.n_rows:,} for {self.n_users:,} users ({kinds})",
+            f"  written:  {self.rows_per_s:,.0f} rows/s by {self.method}"
+            f" ({self.timings.get('write', 0.0):.1f} s scoring and writing)",
+            "  time:     "
+            + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.timings.items()),
+        ]
+        if self.purged:
+            lines.append(f"  purged:   generations {', '.join(map(str, self.purged))}")
+        if self.retries:
+            lines.append(f"  retried:  {self.retries} transactions (conflicts, lost connections)")
+        lines.append(
+            "  readers:  SELECT ... FROM recs_live_user_recommendations WHERE user_id = $1"
+        )
+        return "\n".join(lines)
+
+
+async def batch_recommend(
+    config: Config,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    n: int | None = None,
+    progress: bool = False,
+    say: Callable[[str], None] = lambda _line: None,
+) -> BatchReport:
+    name = model or config.sync.model
+    per_kind = n or config.sync.batch_n
+    method = "binary COPY" if config.database.use_copy else "multi-row INSERT"
+    report = BatchReport(model=name, method=method)
+    started = time.perf_counter()
+    db = await Database.connect(config.database)
+    try:
+        async with Lease(db, LEASE_NAME, config.database.lease_ttl_s) as lease:
+            phase = time.perf_counter()
+            loaded = await asyncio.to_thread(load_model, config.store, name, version)
+            report.version = loaded.version
+            catalog = await read_catalog(db, config.database.page_rows)
+            scorer = Scorer(loaded, catalog, per_kind)
+            report.timings["load"] = time.perf_counter() - phase
+            say(
+                f"scoring {scorer.n_users:,} users x {scorer.n_candidates:,} public items of"
+                f" {name}/{loaded.version}, top {per_kind} per kind"
+            )
+            report.generation = await _start_generation(db, name, loaded.version)
+            phase = time.perf_counter()
+            await _write_generation(db, config, report, scorer, progress)
+            report.timings["write"] = time.perf_counter() - phase
+            report.n_users = scorer.n_users
+            await _flip(db, lease, report)
+            say(f"generation {report.generation} is live ({report.n_rows:,} rows)")
+            phase = time.perf_counter()
+            report.purged = await purge_generations(
+                db, config.sync.keep_generations, config.database.batch_rows
+            )
+            report.timings["purge"] = time.perf_counter() - phase
+    finally:
+        report.retries = db.retries.conflicts + db.retries.connection_losses
+        await db.close()
+    report.timings["total"] = time.perf_counter() - started
+    log.info(
+        "batch_recommendations_written",
+        model=name,
+        version=report.version,
+        generation=report.generation,
+        users=report.n_users,
+        rows=report.n_rows,
+        rows_per_s=round(report.rows_per_s),
+        retries=report.retries,
+    )
+    return report
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    model: Any  # the libreco model
+    data_info: Any
+    graph: Any  # the tf.Graph of a TensorFlow model, else None
+
+
+def load_model(store: Path, name: str, version: str | None = None) -> LoadedModel:
+    """Verify a stored version (CURRENT by default), then load it with libreco."""
+    import tensorflow as tf
+    from libreco.algorithms import ALS, DeepFM
+    from libreco.data import DataInfo
+
+    from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet
+    from uro_recs.worker.model_store import current_version, verify, version_dir
+
+    chosen = version or current_version(store, name)
+    directory = version_dir(store, name, chosen)
+    manifest = verify(directory)  # before libreco unpickles anything
+    classes: dict[str, Any] = {"ALS": ALS, "DeepFM": DeepFM}
+    model_class = classes.get(manifest.libreco_class)
+    if model_class is None:
+        raise ValueError(f"cannot batch-recommend with {manifest.libreco_class}")
+    graph = tf.Graph() if model_class is DeepFM else None
+    with quiet(stderr=True), graph.as_default() if graph is not None else contextlib.nullcontext():
+        data_info = DataInfo.load(str(directory), LIBRECO_FILE_STEM)
+        model = model_class.load(str(directory), LIBRECO_FILE_STEM, data_info)
+    return LoadedModel(chosen, model, data_info, graph)
+
+
+class Scorer:
+    """Top-N per kind for chunks of users.
+
+    Models with embeddings (ALS) score a chunk with one matrix product, as libreco's
+    `recommend_user` does; others with one libreco `predict` call over every (user, item)
+    pair of the chunk. Scores are libreco's: the sigmoid of the model's output.
+    """
+
+    def __init__(self, loaded: LoadedModel, catalog: dict[str, str], n: int) -> None:
+        self.loaded = loaded
+        self.n = n
+        info = loaded.data_info
+        self.n_users = int(info.n_users)
+        self.n_items = int(info.n_items)
+        self.user_ids: list[str] = [str(info.id2user[i]) for i in range(self.n_users)]
+        self.item_ids = np.array([str(info.id2item[i]) for i in range(self.n_items)], dtype=object)
+        self.consumed: dict[int, list[int]] = info.user_consumed
+        self.candidates: dict[str, npt.NDArray[np.int64]] = {
+            kind: np.array(
+                [i for i, item in enumerate(self.item_ids) if catalog.get(item) == kind],
+                dtype=np.int64,
+            )
+            for kind in ITEM_KINDS
+        }
+        self.n_candidates = sum(len(c) for c in self.candidates.values())
+        user_embeds = getattr(loaded.model, "user_embeds_np", None)
+        item_embeds = getattr(loaded.model, "item_embeds_np", None)
+        self._embeds = (
+            None
+            if user_embeds is None or item_embeds is None
+            else (user_embeds[: self.n_users], item_embeds[: self.n_items])
+        )
+        self.chunk_users = max(1, SCORES_PER_CHUNK // max(1, self.n_items))
+
+    def user_chunks(self) -> Iterator[npt.NDArray[np.int64]]:
+        for start in range(0, self.n_users, self.chunk_users):
+            yield np.arange(start, min(start + self.chunk_users, self.n_users))
+
+    def rows(self, users: npt.NDArray[np.int64]) -> list[list[Row]]:
+        """Each user's rows (every kind, best first), in the order of `users`."""
+        logits = self._scores(users)
+        # Consumed items can never come back: minus infinity sorts them last, then drops them.
+        lengths = [len(self.consumed.get(int(u), ())) for u in users]
+        if sum(lengths):
+            consumed = np.concatenate([self.consumed.get(int(u), []) for u in users])
+            logits[np.repeat(np.arange(len(users)), lengths), consumed.astype(np.int64)] = -np.inf
+        out: list[list[Row]] = [[] for _ in range(len(users))]
+        for kind, candidates in self.candidates.items():
+            if candidates.size == 0:
+                continue
+            k = min(self.n, candidates.size)
+            scores = logits[:, candidates]
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            top_scores = np.take_along_axis(top_scores, order, axis=1)
+            kept = np.isfinite(top_scores)
+            probabilities = (1.0 / (1.0 + np.exp(-top_scores))).tolist()
+            items = self.item_ids[candidates[top]].tolist()
+            for row, user in enumerate(users.tolist()):
+                user_id = self.user_ids[user]
+                out[row].extend(
+                    (user_id, kind, rank + 1, items[row][rank], probabilities[row][rank])
+                    for rank in range(int(kept[row].sum()))
+                )
+        return out
+
+    def _scores(self, users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Logits of every (user, item) pair: users x all model items."""
+        if self._embeds is not None:
+            user_embeds, item_embeds = self._embeds
+            return np.asarray(user_embeds[users] @ item_embeds.T, dtype=np.float64)
+        wanted = np.concatenate(list(self.candidates.values()))
+        scores = np.full((len(users), self.n_items), -np.inf)
+        if wanted.size:
+            graph = self.loaded.graph
+            with graph.as_default() if graph is not None else contextlib.nullcontext():
+                probabilities = self.loaded.model.predict(
+                    user=np.repeat(users, wanted.size),
+                    item=np.tile(wanted, len(users)),
+                    inner_id=True,
+                )
+            p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
+            # back to logits, so both paths rank and report scores the same way
+            scores[:, wanted] = np.log(p / (1 - p)).reshape(len(users), wanted.size)
+        return scores
+
+
+async def _start_generation(db: Database, model: str, version: str) -> int:
+    async def start(conn: Connection) -> int:
+        # A build left behind by a stopped run is failed; purge_generations deletes its rows.
+        await conn.execute(
+            "UPDATE recs_recommendation_generations SET status = 'failed', finished_at = now()"
+            " WHERE status = 'building'"
+        )
+        generation = int(
+            await conn.fetchval(
+                "SELECT COALESCE(max(generation), 0) + 1 FROM recs_recommendation_generations"
+            )
+        )
+        await conn.execute(
+            "INSERT INTO recs_recommendation_generations (generation, model, model_version,"
+            " status) VALUES ($1, $2, $3, 'building')",
+            generation,
+            model,
+            version,
+        )
+        return generation
+
+    return await db.transaction(start, "start_generation")
+
+
+async def _write_generation(
+    db: Database, config: Config, report: BatchReport, scorer: Scorer, progress: bool
+) -> None:
+    generated_at = datetime.now(UTC)
+    batch_rows = config.database.batch_rows
+    limit = config.database.write_concurrency
+    in_flight: set[asyncio.Task[None]] = set()
+    write = _copy_batch if config.database.use_copy else _insert_batch
+
+    async def one(rows: list[Row]) -> None:
+        async def attempt(conn: Connection) -> None:
+            await write(conn, report.generation, report.version, generated_at, rows)
+
+        await db.transaction(attempt, "write_recommendations")
+
+    async def submit(rows: list[Row]) -> None:
+        while len(in_flight) >= limit:
+            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                in_flight.discard(task)
+                task.result()
+        in_flight.add(asyncio.create_task(one(rows)))
+
+    try:
+        bar = tqdm(total=scorer.n_users, desc="batch", unit=" users", disable=not progress)
+        with bar:
+            for users in scorer.user_chunks():
+                pending: list[Row] = []
+                for user_rows in scorer.rows(users):
+                    # A user's rows stay in one batch, which is what a COPY retry deletes.
+                    if pending and len(pending) + len(user_rows) > batch_rows:
+                        await submit(pending)
+                        pending = []
+                    pending.extend(user_rows)
+                    for row in user_rows:
+                        report.rows_by_kind[row[1]] = report.rows_by_kind.get(row[1], 0) + 1
+                if pending:
+                    await submit(pending)
+                bar.update(len(users))
+        while in_flight:
+            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                in_flight.discard(task)
+                task.result()
+    finally:
+        for task in in_flight:
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+
+
+async def _insert_batch(
+    conn: Connection, generation: int, version: str, generated_at: datetime, rows: list[Row]
+) -> None:
+    """One multi-row INSERT; a retry after an unknown commit finds its rows and skips them."""
+    values = ", ".join(
+        f"($1, ${4 + 5 * i}::UUID, ${5 + 5 * i}::TEXT, ${6 + 5 * i}::INT4,"
+        f" ${7 + 5 * i}::UUID, ${8 + 5 * i}::FLOAT8, $2, $3)"
+        for i in range(len(rows))
+    )
+    args: list[Any] = [generation, version, generated_at]
+    for row in rows:
+        args.extend(row)
+    await conn.execute(
+        f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT DO NOTHING",
+        *args,
+    )
+
+
+async def _copy_batch(
+    conn: Connection, generation: int, version: str, generated_at: datetime, rows: list[Row]
+) -> None:
+    """Binary COPY (CockroachDB >= 23.1). COPY cannot skip conflicts, so the batch first
+    deletes whatever an earlier attempt of itself may have committed (its users' rows)."""
+    await conn.execute(
+        f"DELETE FROM {TABLE} WHERE generation = $1 AND user_id = ANY($2::UUID[])",
+        generation,
+        sorted({uuid.UUID(row[0]) for row in rows}),
+    )
+    await conn.copy_records_to_table(
+        TABLE,
+        columns=list(COLUMNS),
+        records=[
+            (generation, uuid.UUID(user), kind, rank, uuid.UUID(item), score, version, generated_at)
+            for user, kind, rank, item, score in rows
+        ],
+    )
+
+
+async def _flip(db: Database, lease: Lease, report: BatchReport) -> None:
+    async def flip(conn: Connection) -> None:
+        await lease.verify(conn)
+        status = await conn.fetchval(
+            "SELECT status FROM recs_recommendation_generations WHERE generation = $1",
+            report.generation,
+        )
+        if status == "live":  # this transaction committed before, and is being retried
+            return
+        if status != "building":
+            raise RuntimeError(f"generation {report.generation} is {status}, not building")
+        await conn.execute(
+            "UPDATE recs_recommendation_generations SET status = 'retired' WHERE status = 'live'"
+        )
+        await conn.execute(
+            "UPDATE recs_recommendation_generations SET status = 'live', finished_at = now(),"
+            " n_users = $2, n_rows = $3 WHERE generation = $1",
+            report.generation,
+            report.n_users,
+            report.n_rows,
+        )
+        await conn.execute(
+            "INSERT INTO recs_recommendation_pointer (singleton, generation, flipped_at)"
+            " VALUES (true, $1, now()) ON CONFLICT (singleton) DO UPDATE"
+            " SET generation = excluded.generation, flipped_at = excluded.flipped_at",
+            report.generation,
+        )
+
+    await db.transaction(flip, "flip_generation")
+
+
+async def purge_generations(db: Database, keep: int, batch_rows: int) -> list[int]:
+    """Delete the rows of failed generations and of retired ones beyond the newest `keep`
+    (the live one included), a batch per transaction; returns the purged generations."""
+    rows = await db.fetch(
+        "SELECT generation, status FROM recs_recommendation_generations"
+        " WHERE status IN ('live', 'retired', 'failed') ORDER BY generation DESC"
+    )
+    served = [int(r["generation"]) for r in rows if r["status"] in ("live", "retired")]
+    doomed = [int(r["generation"]) for r in rows if r["status"] == "failed"] + served[
+        max(1, keep) :
+    ]
+    for generation in sorted(doomed):
+        while True:
+            deleted = await db.execute(
+                f"DELETE FROM {TABLE} WHERE generation = $1 AND user_id IN"
+                f" (SELECT user_id FROM {TABLE} WHERE generation = $1 ORDER BY user_id LIMIT $2)",
+                generation,
+                batch_rows,
+            )
+            if deleted == "DELETE 0":
+                break
+
+        async def mark(conn: Connection, generation: int = generation) -> None:
+            await conn.execute(
+                "UPDATE recs_recommendation_generations SET status = 'purged'"
+                " WHERE generation = $1 AND status IN ('retired', 'failed')",
+                generation,
+            )
+
+        await db.transaction(mark, "mark_purged")
+        log.info("generation_purged", generation=generation)
+    return sorted(doomed)
