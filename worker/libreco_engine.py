@@ -52,8 +52,9 @@ log = structlog.get_logger(__name__)
 # libreco's file names inside a version directory start with this stem.
 LIBRECO_FILE_STEM: Final = "model"
 LIBRECO_CLASSES: Final[dict[str, type[Any]]] = {"ALS": ALS, "DeepFM": DeepFM}
-# Upper bound on user x item scores one libreco recommend call may compute (memory guard).
-MAX_SCORES_PER_CALL: Final = 4_000_000
+# Upper bound on user x item scores one libreco recommend call may compute. A memory guard:
+# libreco builds feature tensors per (user, item) pair for TF models, about 3 KB each.
+MAX_SCORES_PER_CALL: Final = 1_000_000
 
 
 @dataclass(frozen=True)
