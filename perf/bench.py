@@ -10,7 +10,9 @@ For each catalogue and model, on the same saved model version and the same reque
   - uro-recs with 1 and with 2 workers, through the broker over IPC.
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
 time); the result is the highest rate whose p99 stays at or under 10 ms with no errors, and
-the p99 at half that rate. Writes a JSON file and a PNG chart, prints a summary table.
+the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
+saturated throughput, whatever the latency. Writes a JSON file and a PNG chart, prints a summary
+table.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from perf.loadgen import (  # noqa: E402
     RunResult,
     http_run,
     sequential,
+    zmq_closed_loop,
     zmq_open_loop,
 )
 from uro_recs.demo import start_serving, wait_ready  # noqa: E402
@@ -53,6 +56,7 @@ from uro_recs.worker.model_store import list_versions  # noqa: E402
 from uro_recs.worker.training import ModelKind, train_and_save  # noqa: E402
 
 P99_BUDGET_MS = 10.0
+SATURATION_IN_FLIGHT = 64
 CATALOGUES: dict[str, dict[str, int]] = {
     "demo": {"n_users": 2000, "n_items": 3000, "n_interactions": 100_000, "seed": 7},
     "large": {"n_users": 40_000, "n_items": 50_000, "n_interactions": 1_000_000, "seed": 11},
@@ -75,7 +79,9 @@ def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[
     for kind in models:
         if not list_versions(store, kind):
             started = time.perf_counter()
-            train_and_save(store, kind, data, kind, threads=2)
+            # No hold-out evaluation: the benchmark needs the model, not its metrics (libreco's
+            # evaluation scores every user against every item, hours for DeepFM at 50k items).
+            train_and_save(store, kind, data, kind, threads=2, test_fraction=0.0)
             print(f"trained {kind} on {catalogue} in {time.perf_counter() - started:.0f} s")
     return store, data
 
@@ -91,13 +97,8 @@ def sweep(
     for _ in range(plan.max_steps):
         summary = run_at(rate).summary()
         steps.append(summary)
-        good = within_budget(summary)
-        print(
-            f"    {summary['system']:<22} offered {rate:>8.0f}/s  achieved "
-            f"{summary['achieved_rate']:>8.0f}/s  p50 {summary['p50_ms']:7.3f}  "
-            f"p99 {summary['p99_ms']:8.3f} ms  errors {summary['errors'] or 0}"
-        )
-        if not good:
+        print_step(summary)
+        if not within_budget(summary):
             break
         best = rate
         rate *= plan.growth
@@ -105,7 +106,17 @@ def sweep(
         half = run_at(best / 2).summary()
         half["half_of_best"] = True
         steps.append(half)
+        print_step(half, "half of best")
     return steps
+
+
+def print_step(summary: dict[str, Any], note: str = "") -> None:
+    print(
+        f"    {summary['system']:<22} {summary['mode']:<10} offered "
+        f"{summary['offered_rate']:>8.0f}/s  achieved {summary['achieved_rate']:>8.0f}/s  "
+        f"p50 {summary['p50_ms']:7.3f}  p99 {summary['p99_ms']:8.3f} ms  "
+        f"errors {summary['errors'] or 0}  {note}"
+    )
 
 
 def free_port() -> int:
@@ -198,14 +209,12 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
             max(step, 1.0),
             "in-process libreco",
         ).summary()
-    print(
-        f"    in-process libreco     {in_process['achieved_rate']:>8.0f}/s  "
-        f"p50 {in_process['p50_ms']:.3f}  p99 {in_process['p99_ms']:.3f} ms"
-    )
+    print_step(in_process)
     # Start each sweep well below what one process manages in-process (slow models too).
     first_rate = 200.0 if plan.smoke else max(10.0, round(in_process["achieved_rate"] / 20, -1))
     systems: dict[str, list[dict[str, Any]]] = {}
     memory: dict[str, list[dict[str, int]]] = {}
+    saturated: dict[str, dict[str, Any]] = {}  # closed loop: throughput whatever the latency
     with fastapi_server(store, model) as port:
         systems["fastapi"] = sweep(
             lambda rate: http_run(
@@ -220,6 +229,16 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
             plan,
             first_rate,
         )
+        saturated["fastapi"] = http_run(
+            "127.0.0.1",
+            port,
+            mix,
+            rate=0,
+            concurrency=SATURATION_IN_FLIGHT,
+            duration_s=step,
+            system="fastapi",
+        ).summary()
+        print_step(saturated["fastapi"], f"{SATURATION_IN_FLIGHT} in flight")
     for workers in (1, 2):
         name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
         with uro_recs_server(root, store, model, workers) as (endpoint, serve):
@@ -228,6 +247,7 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
                 unloaded = sequential(
                     partial(client.recommend, n=n), mix, max(step, 1.0), name
                 ).summary()
+            print_step(unloaded, "one at a time through the SDK")
             memory[name] = worker_memory(serve.pid)
 
             def at_rate(rate: float, endpoint: str = endpoint, name: str = name) -> RunResult:
@@ -235,12 +255,17 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
 
             systems[name] = sweep(at_rate, plan, first_rate)
             systems[name].insert(0, {**unloaded, "unloaded": True})
+            saturated[name] = zmq_closed_loop(
+                endpoint, model, mix, SATURATION_IN_FLIGHT, step, name
+            ).summary()
+            print_step(saturated[name], f"{SATURATION_IN_FLIGHT} in flight")
     return {
         "catalogue": catalogue,
         "model": model,
         "in_process": in_process,
         "systems": systems,
         "worker_memory_kib": memory,
+        "saturated": saturated,
     }
 
 
@@ -276,12 +301,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "max_rate": base["achieved_rate"],
                 "p50_unloaded_ms": base["p50_ms"],
                 "p99_at_half_ms": None,
+                "saturated_rate": base["achieved_rate"],
                 "workers_pss_mib": None,
             }
         )
         for system, steps in result["systems"].items():
             unloaded = next((s for s in steps if s.get("unloaded")), None)
             half = next((s for s in steps if s.get("half_of_best")), None)
+            saturated = result["saturated"].get(system)
             rows.append(
                 {
                     "catalogue": result["catalogue"],
@@ -290,6 +317,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "max_rate": best_rate(steps),
                     "p50_unloaded_ms": unloaded["p50_ms"] if unloaded else None,
                     "p99_at_half_ms": half["p99_ms"] if half else None,
+                    "saturated_rate": saturated["achieved_rate"] if saturated else None,
                     "workers_pss_mib": round(
                         sum(m["pss_kib"] for m in result["worker_memory_kib"].get(system, []))
                         / 1024
@@ -304,15 +332,16 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'catalogue':<10}{'model':<8}{'system':<22}{'max rate/s (p99<=10ms)':>24}"
-        f"{'p50 unloaded ms':>17}{'p99 @ half ms':>15}{'workers PSS MiB':>17}"
+        f"{'p50 unloaded ms':>17}{'p99 @ half ms':>15}{'saturated/s':>13}{'workers PSS MiB':>17}"
     )
     for row in rows:
         p50 = f"{row['p50_unloaded_ms']:.3f}" if row["p50_unloaded_ms"] is not None else "-"
         half = f"{row['p99_at_half_ms']:.3f}" if row["p99_at_half_ms"] is not None else "-"
         pss = str(row["workers_pss_mib"]) if row["workers_pss_mib"] is not None else "-"
+        saturated = f"{row['saturated_rate']:.0f}" if row["saturated_rate"] is not None else "-"
         print(
             f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<22}"
-            f"{row['max_rate']:>24.0f}{p50:>17}{half:>15}{pss:>17}"
+            f"{row['max_rate']:>24.0f}{p50:>17}{half:>15}{saturated:>13}{pss:>17}"
         )
 
 
@@ -359,26 +388,24 @@ def main() -> int:
         max_steps=2 if args.smoke else 14,
         smoke=args.smoke,
     )
-    results = [
-        bench_model(args.dir, catalogue, model, plan)
-        for catalogue in plan.catalogues
-        for model in plan.models
-    ]
-    rows = summarize(results)
-    print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = "smoke" if args.smoke else f"bench-{stamp}"
-    report = {
-        "created_at": stamp,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op)",
-        "p99_budget_ms": P99_BUDGET_MS,
-        "plan": plan.__dict__,
-        "summary": rows,
-        "results": results,
-    }
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    results: list[dict[str, Any]] = []
+    for catalogue in plan.catalogues:
+        for model in plan.models:
+            results.append(bench_model(args.dir, catalogue, model, plan))
+            report = {  # rewritten after each model, so a long run keeps what it measured
+                "created_at": stamp,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op)",
+                "p99_budget_ms": P99_BUDGET_MS,
+                "plan": plan.__dict__,
+                "summary": summarize(results),
+                "results": results,
+            }
+            (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    print_table(summarize(results))
     chart(results, args.out / f"{name}.png")
     print(f"\nwrote {args.out / name}.json and .png")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,3 +138,18 @@ def test_rollout_is_refused_on_the_client_socket_and_checked_on_control(
         assert unknown["error"]["code"] == "unknown_model"
         no_version = cluster.call("rollout", model="als", endpoint=cluster.control_endpoint)
         assert no_version["error"]["code"] == "bad_request"
+
+
+def test_rollout_command_defaults_to_the_sync_model_and_its_current_version(
+    trained_store: Path,
+) -> None:
+    with Cluster(trained_store, {"als": 1}).start() as cluster:
+        done = subprocess.run(
+            [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path), "rollout"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        current = current_version(trained_store, "als")
+        assert done.stdout.startswith(f"als: {current} -> {current} on 1 worker(s)")
