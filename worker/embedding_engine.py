@@ -36,8 +36,6 @@ from uro_recs.worker.model_store import Manifest, StoreCorrupt
 
 # libreco's file names inside a version directory start with this stem.
 FILE_STEM: Final = "model"
-# Upper bound on user x item scores computed at once (memory guard for large batches).
-MAX_SCORES_PER_CALL: Final = 4_000_000
 
 
 class EmbeddingEngine(Engine):
@@ -74,9 +72,8 @@ class EmbeddingEngine(Engine):
             else:
                 results.append(Recommendation([], cold_start=False))
                 known.append((len(results) - 1, inner, query))
-        per_call = max(1, MAX_SCORES_PER_CALL // self.n_items)
-        for start in range(0, len(known), per_call):
-            chunk = known[start : start + per_call]
+        for start in range(0, len(known), self.users_per_call):
+            chunk = known[start : start + self.users_per_call]
             for (index, _, _), items in zip(chunk, self._rank(chunk), strict=True):
                 results[index] = Recommendation(items, cold_start=False)
         return results

@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 # Classes EmbeddingEngine serves from libreco's saved embeddings (proven equal in the tests).
 EMBEDDING_CLASSES: Final = frozenset({"ALS"})
+# Upper bound on user x item scores computed in one call (a memory guard for large batches).
+MAX_SCORES_PER_CALL: Final = 4_000_000
 _WARM_UP_ROUNDS: Final = 3
 
 
@@ -99,6 +101,8 @@ class Engine:
         self._user_consumed = user_consumed
         self._popular: list[Id] = list(dict.fromkeys(manifest.popular_items))
         self._unit_items = unit_items
+        # Users one model call scores well at once; the worker splits larger batches.
+        self.users_per_call = max(1, MAX_SCORES_PER_CALL // max(1, self.n_items))
         ops = {"recommend", "predict"} | ({"similar_items"} if unit_items is not None else set())
         self.ops = frozenset(ops)
 

@@ -75,6 +75,7 @@ class WorkerService:
         self.served = 0
         self._on_drain: Callable[[], None] | None = None
         self._sock: zmq.Socket[bytes] | None = None
+        self._next_heartbeat = 0.0
         self._loading: str | None = None  # the version a background thread is loading
         self._loaded: Engine | None = None  # loaded and warm, waiting for the swap
         self._wake_r, self._wake_w = socket.socketpair()
@@ -146,9 +147,9 @@ class WorkerService:
         if on_ready is not None:
             on_ready()
         broker_expires = time.monotonic() + self.liveness_s
-        next_heartbeat = time.monotonic() + self.heartbeat_s
+        self._next_heartbeat = time.monotonic() + self.heartbeat_s
         while self.running:
-            timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000) + 1)
+            timeout_ms = max(0, int((self._next_heartbeat - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
             if on_tick is not None:
                 on_tick()
@@ -161,10 +162,8 @@ class WorkerService:
                     self._execute(jobs)
             if self._loaded is not None:
                 self._swap()
+            self._heartbeat_if_due()
             now = time.monotonic()
-            if now >= next_heartbeat:
-                self._send(protocol.HEARTBEAT)
-                next_heartbeat = now + self.heartbeat_s
             if self.draining and (now >= self.drain_deadline or now >= broker_expires):
                 # Nothing is held here between batches: with the broker gone or silent there is
                 # nothing left to finish.
@@ -303,7 +302,29 @@ class WorkerService:
             else:
                 self._run_one(job, request)
         if batch:
-            self._run_recommend_batch(batch)
+            self._run_recommend_batches(batch)
+
+    def _heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._send(protocol.HEARTBEAT)
+            self._next_heartbeat = now + self.heartbeat_s
+
+    def _run_recommend_batches(self, batch: list[tuple[Job, Request, RecommendArgs]]) -> None:
+        """In model calls of at most `engine.users_per_call` users (one request at least), with
+        a heartbeat between calls when one is due: a large batch of a slow model must not look
+        like a hung worker, and early answers leave before the last call finishes."""
+        chunk: list[tuple[Job, Request, RecommendArgs]] = []
+        users = 0
+        for item in batch:
+            if chunk and users + len(item[2].users) > self.engine.users_per_call:
+                self._run_recommend_batch(chunk)
+                self._heartbeat_if_due()
+                chunk, users = [], 0
+            chunk.append(item)
+            users += len(item[2].users)
+        if chunk:
+            self._run_recommend_batch(chunk)
 
     def _run_recommend_batch(self, batch: list[tuple[Job, Request, RecommendArgs]]) -> None:
         queries = [
