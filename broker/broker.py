@@ -14,8 +14,6 @@ import grp
 import heapq
 import itertools
 import os
-import signal
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -28,6 +26,7 @@ import zmq
 from uro_recs import protocol
 from uro_recs.config import BrokerConfig
 from uro_recs.protocol import ErrorCode, Op, ProtocolError, Request, RequestId, RolloutArgs
+from uro_recs.wakeup import Wakeup
 
 log = structlog.get_logger("uro_recs.broker")
 
@@ -126,9 +125,7 @@ class Broker:
             _set_socket_access(endpoint, config.client_socket_mode_bits, config.client_socket_group)
         _set_socket_access(control_endpoint, 0o600)
         _set_socket_access(worker_endpoint, 0o600)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()
 
     def _bind(self, kind: int, endpoint: str, max_bytes: int = -1) -> zmq.Socket[bytes]:
         sock = self.context.socket(kind)
@@ -143,9 +140,7 @@ class Broker:
     # --- lifecycle --------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno())
-        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
-        signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+        self._wakeup.on_stop_signals(self.begin_drain)
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -167,7 +162,7 @@ class Broker:
         poller = zmq.Poller()
         for sock in (*self.frontends, self.control, self.backend):
             poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         self.running = True
         log.info("broker_started", models=sorted(self.models))
         if on_ready is not None:
@@ -181,8 +176,8 @@ class Broker:
             events = dict(poller.poll(max(0, int((wake_at - now) * 1000) + 1)))
             if on_tick is not None:
                 on_tick()
-            if self._wake_r.fileno() in events:
-                self._drain_wakeups()
+            if self._wakeup.fileno() in events:
+                self._wakeup.drain()
             if self.backend in events:
                 self._read(self.backend, self._on_worker_message)
             for frontend in (*self.frontends, self.control):
@@ -200,15 +195,7 @@ class Broker:
     def close(self) -> None:
         for sock in (*self.frontends, self.control, self.backend):
             sock.close(linger=0)
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(512):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.close()
 
     def _read(self, sock: zmq.Socket[bytes], handler: Any) -> None:
         for _ in range(RECV_BATCH):

@@ -9,8 +9,6 @@ is draining, answers what it holds and exits when the broker has let it go.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from uro_recs.protocol import (
     Request,
     SimilarItemsArgs,
 )
+from uro_recs.wakeup import Wakeup
 from uro_recs.worker.engine import (
     BadArgument,
     Engine,
@@ -78,16 +77,12 @@ class WorkerService:
         self._next_heartbeat = 0.0
         self._loading: str | None = None  # the version a background thread is loading
         self._loaded: Engine | None = None  # loaded and warm, waiting for the swap
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno())
-        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
-        signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+        self._wakeup.on_stop_signals(self.begin_drain)
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -135,7 +130,7 @@ class WorkerService:
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         self.running = True
         log.info(
             "worker_ready",
@@ -153,8 +148,8 @@ class WorkerService:
             events = dict(poller.poll(timeout_ms))
             if on_tick is not None:
                 on_tick()
-            if self._wake_r.fileno() in events:
-                self._drain_wakeups()
+            if self._wakeup.fileno() in events:
+                self._wakeup.drain()
             if sock in events:
                 jobs = self._receive(sock)
                 broker_expires = time.monotonic() + self.liveness_s
@@ -180,15 +175,7 @@ class WorkerService:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(512):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.close()
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -254,7 +241,7 @@ class WorkerService:
         except Exception:
             log.exception("version_load_failed", model=self.engine.name, version=version)
             self._loading = None
-        self._wake_w.send(b"\0")  # wake the loop so it switches now, not at the next poll
+        self._wakeup.wake()  # the loop switches now, not at its next poll
 
     def _swap(self) -> None:
         """Between batches: nothing is running, so every later request sees the new version."""
