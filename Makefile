@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: install demo serve test lint format bench bench-smoke clean
+.PHONY: install demo serve test lint format bench bench-smoke bench-ingest clean
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: install
 
 bench-smoke: install
 	$(BIN)/python -m perf.bench --smoke --out build/bench-smoke
+	$(BIN)/python -m perf.ingest_bench --events 2000 --sizes 1,100
+
+# Event ingest, straight into the database and through the broker (about a minute).
+bench-ingest: install
+	$(BIN)/python -m perf.ingest_bench --json build/ingest-bench.json
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -234,16 +234,18 @@ class Broker:
         if request.op is Op.INFO:
             self._reply(sock, client, protocol.encode_ok(request.id, self.info()))
             return
-        assert request.model is not None  # decode_request checks this for model ops
         if request.op in protocol.CONTROL_OPS:
             self._on_control(sock, client, request)
             return
         if self.draining:
             self._reject(sock, client, request.id, ErrorCode.UNAVAILABLE, "broker is draining")
             return
-        model = self.models.get(request.model)
+        ingest = request.op is Op.INGEST
+        name = protocol.INGEST_WORKERS if ingest else request.model
+        assert name is not None  # decode_request checks this for model ops
+        model = self.models.get(name)
         if model is None:
-            message = f"no model named {request.model!r}"
+            message = "no ingest worker is configured" if ingest else f"no model named {name!r}"
             self._reject(sock, client, request.id, ErrorCode.UNKNOWN_MODEL, message)
             return
         timeout_ms = request.timeout_ms or self.config.default_timeout_ms

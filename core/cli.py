@@ -1,7 +1,7 @@
 """The `uro-recs` command line.
 
-demo, serve, broker, worker, train, recommend, rollout, rollback, db migrate, sync,
-batch-recommend, install-systemd.
+demo, serve, broker, worker, ingest-worker, train, recommend, rollout, rollback, db migrate,
+sync, batch-recommend, install-systemd.
 
 Heavy imports (numpy, TensorFlow, libreco) happen inside the commands that need them, after
 the thread limits are in the environment, so `uro-recs recommend` starts in milliseconds.
@@ -46,7 +46,7 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
         client_endpoints=endpoints,
         worker_endpoint=config.worker_endpoint,
         control_endpoint=config.control_endpoint,
-        known_models=[m.name for m in config.models],
+        known_models=known_models(config),
     )
     broker.install_signal_handlers()
     systemd = Notifier.from_environ()
@@ -58,6 +58,42 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
         )
     finally:
         broker.close()
+        systemd.close()
+    return 0
+
+
+def known_models(config: Config) -> list[str]:
+    """What the broker queues for before any worker registers."""
+    from uro_recs.protocol import INGEST_WORKERS
+
+    names = [m.name for m in config.models]
+    return [*names, INGEST_WORKERS] if config.ingest.enabled else names
+
+
+def cmd_ingest_worker(config: Config, _args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from uro_recs.sdk.db import DatabaseError
+    from uro_recs.worker.ingest import IngestWorker
+
+    loop_config = dataclasses.replace(
+        config.worker, slots=config.ingest.slots, max_batch_delay_ms=0.0
+    )
+    service = IngestWorker(config.database, config.worker_endpoint, loop_config, config.broker)
+    systemd = Notifier.from_environ()
+    try:
+        service.connect()
+        service.install_signal_handlers()
+        service.run(
+            on_ready=lambda: systemd.ready("ingesting into recs_events"),
+            on_tick=systemd.tick,
+            on_drain=lambda: systemd.stopping("draining"),
+        )
+    except (DatabaseError, OSError) as error:
+        print(f"ingest-worker: cannot reach the database: {error}", file=sys.stderr)
+        return 1
+    finally:
+        service.close()
         systemd.close()
     return 0
 
@@ -76,8 +112,15 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
         return engine
 
     engine = load(version)
+    recent = None
+    if config.worker.recent_events:
+        from uro_recs.worker.recent_events import RecentEvents, exported_at
+
+        since = exported_at(engine.manifest)
+        recent = RecentEvents(config.database, since, config.worker.recent_events_refresh_ms)
+        recent.start()
     service = WorkerService(
-        engine, config.worker_endpoint, config.worker, config.broker, loader=load
+        engine, config.worker_endpoint, config.worker, config.broker, loader=load, recent=recent
     )
     service.install_signal_handlers()
     systemd = Notifier.from_environ()
@@ -89,6 +132,8 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
         )
     finally:
         service.close()
+        if recent is not None:
+            recent.stop()
         systemd.close()
     return 0
 
@@ -283,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--instance", help="a systemd instance name <model>-<n>, e.g. als-1")
     worker.add_argument("--version", default="", help="default: the store's CURRENT version")
     worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser(
+        "ingest-worker", help="run one ingest worker (the `ingest` op, into recs_events)"
+    ).set_defaults(func=cmd_ingest_worker)
 
     train = sub.add_parser("train", help="train a model into the store and make it CURRENT")
     train.add_argument("--model", required=True, help="the model's name in the store")

@@ -46,6 +46,19 @@ class WorkerConfig:
     threads: int = 1  # TF / torch / BLAS threads per worker
     max_batch_delay_ms: float = 0.0  # wait this long for more requests to batch together
     drain_timeout_s: float = 10.0
+    # recommend also leaves out items a user had events with (recs_events) since the model's
+    # data was exported, until the next retrain knows them. Needs [database].
+    recent_events: bool = False
+    recent_events_refresh_ms: int = 1_000
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Ingest workers: the broker's `ingest` op, appending events to `recs_events`."""
+
+    enabled: bool = False  # needs [database]
+    workers: int = 1
+    slots: int = 256  # requests one ingest worker holds at once; they share transactions
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class Config:
     log_format: str = "auto"  # "json", "console" or "auto" (console on a terminal)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     models: tuple[ModelConfig, ...] = ()
@@ -178,6 +192,9 @@ def load_config(path: Path | None = None) -> Config:
     worker = WorkerConfig(
         **_section(WorkerConfig, data.get("worker", {}), "URO_RECS_WORKER_", "worker.")
     )
+    ingest = IngestConfig(
+        **_section(IngestConfig, data.get("ingest", {}), "URO_RECS_INGEST_", "ingest.")
+    )
     database = DatabaseConfig(
         **_section(DatabaseConfig, data.get("database", {}), "URO_RECS_DATABASE_", "database.")
     )
@@ -186,4 +203,12 @@ def load_config(path: Path | None = None) -> Config:
         ModelConfig(**_section(ModelConfig, entry, None, f"models[{i}]."))
         for i, entry in enumerate(data.get("models", []))
     )
-    return Config(**top, broker=broker, worker=worker, database=database, sync=sync, models=models)
+    return Config(
+        **top,
+        broker=broker,
+        worker=worker,
+        ingest=ingest,
+        database=database,
+        sync=sync,
+        models=models,
+    )

@@ -1,7 +1,8 @@
 """`uro-recs install-systemd`: the user, directories, configuration and units of a deployment.
 
-Run it again after an upgrade or after changing [[models]]: it rewrites the units (they are
-ours) and the worker links, and never touches a configuration or environment file that exists.
+Run it again after an upgrade or after changing [[models]] or [ingest]: it rewrites the units
+(they are ours) and the worker links, and never touches a configuration or environment file
+that exists.
 `root` lets packagers and tests lay everything out in another file system tree; paths written
 into the units are always as seen from that root.
 """
@@ -28,6 +29,7 @@ UNITS = (
     "uro-recs.target",
     "uro-recs-broker.service",
     "uro-recs-worker@.service",
+    "uro-recs-ingest@.service",
     "uro-recs-retrain.service",
     "uro-recs-retrain.timer",
 )
@@ -68,9 +70,18 @@ def render_unit(name: str, executable: Path) -> str:
     return shipped(name).replace(SHIPPED_EXECUTABLE, str(executable))
 
 
-def worker_instances(config_file: Path) -> list[str]:
+def wanted_units(config_file: Path) -> list[str]:
+    """The worker instances uro-recs.target wants: one per configured model worker, plus the
+    ingest workers when [ingest] is enabled."""
     config = load_config(config_file)
-    return [f"{m.name}-{i}" for m in config.models for i in range(1, m.workers + 1)]
+    units = [
+        f"uro-recs-worker@{m.name}-{i}.service"
+        for m in config.models
+        for i in range(1, m.workers + 1)
+    ]
+    if config.ingest.enabled:
+        units += [f"uro-recs-ingest@{i}.service" for i in range(1, config.ingest.workers + 1)]
+    return units
 
 
 def install_systemd(
@@ -127,14 +138,13 @@ def install_systemd(
 
     wants = unit_dir / "uro-recs.target.wants"
     wants.mkdir(exist_ok=True)
-    for stale in wants.glob("uro-recs-worker@*.service"):
+    for stale in [*wants.glob("uro-recs-worker@*.service"), *wants.glob("uro-recs-ingest@*")]:
         stale.unlink()
-    instances = worker_instances(root / CONFIG_FILE)
-    for instance in instances:
-        (wants / f"uro-recs-worker@{instance}.service").symlink_to(
-            Path("/") / UNIT_DIR / "uro-recs-worker@.service"
-        )
-    done.append(f"uro-recs.target wants workers {', '.join(instances) or '(none)'}")
+    units = wanted_units(root / CONFIG_FILE)
+    for unit in units:
+        template = unit.split("@")[0] + "@.service"
+        (wants / unit).symlink_to(Path("/") / UNIT_DIR / template)
+    done.append(f"uro-recs.target wants {', '.join(units) or '(no workers)'}")
 
     if reload and root == Path("/") and Path("/run/systemd/system").exists():
         subprocess.run(["systemctl", "daemon-reload"], check=True)

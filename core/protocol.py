@@ -8,7 +8,9 @@ the caller turns into an error reply.
 
 from __future__ import annotations
 
+import math
 import struct
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,6 +25,10 @@ MAX_USERS_PER_REQUEST = 1_000
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_N = 1_000
 MAX_TIMEOUT_MS = 3_600_000
+MAX_EVENTS_PER_REQUEST = 1_000
+MAX_EVENT_NAME_CHARS = 64
+MAX_OCCURRED_AT_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+ITEM_KINDS = ("avatar", "map", "prop")  # what uro recommends; recs_events checks it too
 DEFAULT_N = 10
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -54,9 +60,13 @@ class Op(StrEnum):
     INFO = "info"
     STATS = "stats"
     ROLLOUT = "rollout"
+    INGEST = "ingest"
 
 
 MODEL_OPS = frozenset({Op.RECOMMEND, Op.PREDICT, Op.SIMILAR_ITEMS})
+# Ingest workers register under this name; `ingest` requests (which name no model) go to them.
+# Model names never start with "@".
+INGEST_WORKERS = "@ingest"
 CONTROL_OPS = frozenset({Op.ROLLOUT})  # accepted on the control endpoint only
 MAX_VERSION_CHARS = 128
 
@@ -101,11 +111,30 @@ class RolloutArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class IngestEvent:
+    """One interaction, as a row of `recs_events`; all fields but weight are its identity."""
+
+    user_id: uuid.UUID
+    item_kind: str  # one of ITEM_KINDS
+    item_id: uuid.UUID
+    event: str  # "play", "view", "save", ...: 1..MAX_EVENT_NAME_CHARS characters
+    occurred_at_us: int  # microseconds since the Unix epoch, UTC
+    weight: float  # finite; its label weight in training (negative cancels)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestArgs:
+    events: tuple[IngestEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NoArgs:
     pass
 
 
-OpArgs: TypeAlias = RecommendArgs | PredictArgs | SimilarItemsArgs | RolloutArgs | NoArgs
+OpArgs: TypeAlias = (
+    RecommendArgs | PredictArgs | SimilarItemsArgs | RolloutArgs | IngestArgs | NoArgs
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +265,52 @@ def _rollout_args(args: Mapping[str, Any], rid: RequestId) -> RolloutArgs:
     return RolloutArgs(version=version)
 
 
+def _uuid(value: object, field: str, rid: RequestId) -> uuid.UUID:
+    # Only the 36-character 8-4-4-4-12 form: one spelling per id keeps replays idempotent.
+    if isinstance(value, str) and len(value) == 36 and value[8:24:5] == "----":
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    _fail(f"{field}: expected a UUID like 6f1c1b9a-4c1e-4a8e-9d59-1f0b8d2b7a31", rid)
+
+
+def _ingest_event(raw: object, at: str, rid: RequestId) -> IngestEvent:
+    if not isinstance(raw, dict):
+        _fail(f"{at}: expected a map", rid)
+    kind = raw.get("item_kind")
+    if kind not in ITEM_KINDS:
+        _fail(f"{at}.item_kind: expected one of {', '.join(ITEM_KINDS)}", rid)
+    event = raw.get("event")
+    if not isinstance(event, str) or not 0 < len(event) <= MAX_EVENT_NAME_CHARS:
+        _fail(f"{at}.event: expected a string of 1..{MAX_EVENT_NAME_CHARS} chars", rid)
+    occurred = raw.get("occurred_at_us")
+    if (
+        not isinstance(occurred, int)
+        or isinstance(occurred, bool)
+        or not 0 <= occurred <= MAX_OCCURRED_AT_US
+    ):
+        _fail(f"{at}.occurred_at_us: expected µs since the Unix epoch (an integer >= 0)", rid)
+    weight = raw.get("weight", 1.0)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight):
+        _fail(f"{at}.weight: expected a finite number", rid)
+    return IngestEvent(
+        user_id=_uuid(raw.get("user_id"), f"{at}.user_id", rid),
+        item_kind=str(kind),
+        item_id=_uuid(raw.get("item_id"), f"{at}.item_id", rid),
+        event=event,
+        occurred_at_us=occurred,
+        weight=float(weight),
+    )
+
+
+def _ingest_args(args: Mapping[str, Any], rid: RequestId) -> IngestArgs:
+    events = args.get("events")
+    if not isinstance(events, list) or not 0 < len(events) <= MAX_EVENTS_PER_REQUEST:
+        _fail(f"events: expected an array of 1..{MAX_EVENTS_PER_REQUEST} events", rid)
+    return IngestArgs(tuple(_ingest_event(e, f"events[{i}]", rid) for i, e in enumerate(events)))
+
+
 def _op_args(op: Op, args: Mapping[str, Any], rid: RequestId) -> OpArgs:
     if op is Op.RECOMMEND:
         return _recommend_args(args, rid)
@@ -245,6 +320,8 @@ def _op_args(op: Op, args: Mapping[str, Any], rid: RequestId) -> OpArgs:
         return _similar_items_args(args, rid)
     if op is Op.ROLLOUT:
         return _rollout_args(args, rid)
+    if op is Op.INGEST:
+        return _ingest_args(args, rid)
     return NoArgs()
 
 

@@ -1,4 +1,5 @@
-"""`uro-recs serve`: run the broker plus N workers per model, restarting crashed workers.
+"""`uro-recs serve`: run the broker plus N workers per model (and the ingest workers, if
+enabled), restarting crashed workers.
 
 In production systemd takes this role (systemd/); this is for development, the demo and the
 tests. Stop order matters: the broker drains first (its workers finish what it holds), then the
@@ -52,6 +53,11 @@ class Supervisor:
             for model in config.models
             for i in range(1, model.workers + 1)
         ]
+        if config.ingest.enabled:
+            self.workers += [
+                Child(f"ingest-{i}", [*base, "ingest-worker"])
+                for i in range(1, config.ingest.workers + 1)
+            ]
         self.stopping = False
 
     def run(self) -> int:

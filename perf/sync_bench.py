@@ -16,9 +16,7 @@ import asyncio
 import json
 import tempfile
 import time
-import uuid
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +24,14 @@ from uro_recs.cli import apply_thread_limits
 
 apply_thread_limits(2)
 
+from perf.ingest_bench import events  # noqa: E402
 from tests.db_fixtures import fresh_database, load_community, load_events, make_community  # noqa: E402
 from uro_recs.config import Config, DatabaseConfig, SyncConfig  # noqa: E402
 from uro_recs.logs import configure_logging  # noqa: E402
 from uro_recs.sdk.batch import batch_recommend  # noqa: E402
 from uro_recs.sdk.db import Database, migrate  # noqa: E402
-from uro_recs.sdk.ingest import Event, ingest_events  # noqa: E402
+from uro_recs.sdk.ingest import ingest_events  # noqa: E402
 from uro_recs.sdk.sync import run_sync  # noqa: E402
-
-
-def events(n: int) -> list[Event]:
-    start = datetime(2026, 11, 27, tzinfo=UTC)
-    users = [uuid.uuid4() for _ in range(1_000)]
-    items = [uuid.uuid4() for _ in range(5_000)]
-    kinds = ("avatar", "map", "prop")
-    return [
-        Event(
-            users[i % 1_000],
-            kinds[i % 3],
-            items[(i * 7) % 5_000],
-            "play",
-            start + timedelta(milliseconds=i),
-        )
-        for i in range(n)
-    ]
 
 
 async def measure(url: str, store: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .errors import (
     WorkerLost,
     error_from_reply,
 )
+from .events import Event, InvalidEvent
 from .results import ModelInfo, Prediction, Recommendation, SimilarItems
 
 __all__ = [
@@ -30,7 +31,9 @@ __all__ = [
     "Client",
     "ClientState",
     "DeadlineExceeded",
+    "Event",
     "Id",
+    "InvalidEvent",
     "ModelInfo",
     "Overloaded",
     "Prediction",

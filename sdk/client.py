@@ -26,11 +26,13 @@ from uro_recs import protocol
 from uro_recs.protocol import RETRYABLE_CODES, ErrorCode, Id, Op, Reply, RequestId
 
 from .errors import DeadlineExceeded, ServerError, UroRecsError, error_from_reply
+from .events import Event
 from .results import (
     ModelInfo,
     Prediction,
     Recommendation,
     SimilarItems,
+    parse_accepted,
     parse_model_infos,
     parse_prediction,
     parse_recommendation,
@@ -248,6 +250,15 @@ class _BaseClient:
     def _rollout(self, model: str, version: str, timeout: float | None) -> _Call[dict[str, Any]]:
         return self._new_call(Op.ROLLOUT, model, {"version": version}, dict, timeout)
 
+    def _ingest(self, events: Iterable[Event], timeout: float | None) -> list[_Call[int]]:
+        """One call per MAX_EVENTS_PER_REQUEST events; every event validated before any."""
+        wire = [event.wire() for event in events]
+        step = protocol.MAX_EVENTS_PER_REQUEST
+        return [
+            self._new_call(Op.INGEST, None, {"events": wire[i : i + step]}, parse_accepted, timeout)
+            for i in range(0, len(wire), step)
+        ]
+
     # --- attempts and replies ---------------------------------------------------------------
 
     def _attempt(self, call: _Call[Any]) -> tuple[int, bytes]:
@@ -378,6 +389,16 @@ class Client(_BaseClient):
     def rollout(self, model: str, version: str, timeout: float | None = None) -> dict[str, Any]:
         """Move `model`'s workers to `version` (control endpoint only); returns at once."""
         return self._run(self._rollout(model, version, timeout))
+
+    def ingest(self, events: Iterable[Event], timeout: float | None = None) -> int:
+        """Append `events` to recs_events; returns how many are stored (new or replayed).
+
+        Each request of up to 1000 events is stored whole or not at all, and answered only once
+        committed. On an error, earlier requests of this call may be stored: calling again
+        with the same events is safe, a stored event is never stored twice. `timeout` is per
+        request. Raises InvalidEvent before sending anything if one event is invalid.
+        """
+        return sum(self._run(call) for call in self._ingest(events, timeout))
 
     def close(self) -> None:
         """Close the socket, after the call in progress (if any) ends."""
@@ -533,6 +554,11 @@ class AsyncClient(_BaseClient):
     ) -> dict[str, Any]:
         """Move `model`'s workers to `version` (control endpoint only); returns at once."""
         return await self._run(self._rollout(model, version, timeout))
+
+    async def ingest(self, events: Iterable[Event], timeout: float | None = None) -> int:
+        """As `Client.ingest`; the requests of one call are in flight together."""
+        calls = self._ingest(events, timeout)
+        return sum(await asyncio.gather(*(self._run(call) for call in calls)))
 
     async def aclose(self) -> None:
         """Close the socket; calls still waiting raise RuntimeError."""

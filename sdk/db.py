@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from uro_recs.config import DatabaseConfig
+from uro_recs.protocol import ITEM_KINDS as ITEM_KINDS  # re-exported for the sync path
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-ITEM_KINDS: Final = ("avatar", "map", "prop")  # what uro recommends; recs_events checks it too
 Flavor: TypeAlias = Literal["cockroachdb", "postgresql"]
 
 # Serialization failure, deadlock (PostgreSQL only), statement completion unknown (CockroachDB).

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from uro_recs.sdk.db import ITEM_KINDS, Database
+from uro_recs.sdk.db import Database
+from uro_recs.sdk.events import Event as Event
+from uro_recs.sdk.events import InvalidEvent as InvalidEvent
 
 if TYPE_CHECKING:
     from uro_recs.sdk.db import Connection
@@ -30,40 +32,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 COLUMNS: Final = ("user_id", "item_kind", "item_id", "event", "occurred_at", "weight")
-MAX_EVENT_NAME: Final = 64  # recs_events checks the same bound
-
-
-class InvalidEvent(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Event:
-    """One interaction: `user_id` did `event` ("play", "view", "save", ...) to an item."""
-
-    user_id: uuid.UUID | str
-    item_kind: str  # "avatar", "map" or "prop"
-    item_id: uuid.UUID | str
-    event: str
-    occurred_at: datetime  # timezone-aware; with the other fields, the event's identity
-    weight: float = 1.0  # its label weight in training; negative weights cancel others
-
-    def row(self) -> tuple[uuid.UUID, str, uuid.UUID, str, datetime, float]:
-        """The validated row, or InvalidEvent saying what is wrong."""
-        try:
-            user = self.user_id if isinstance(self.user_id, uuid.UUID) else uuid.UUID(self.user_id)
-            item = self.item_id if isinstance(self.item_id, uuid.UUID) else uuid.UUID(self.item_id)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise InvalidEvent(f"user_id and item_id must be UUIDs: {self}") from exc
-        if self.item_kind not in ITEM_KINDS:
-            raise InvalidEvent(f"item_kind must be one of {ITEM_KINDS}, got {self.item_kind!r}")
-        if not 1 <= len(self.event) <= MAX_EVENT_NAME:
-            raise InvalidEvent(f"event must be 1 to {MAX_EVENT_NAME} characters")
-        if self.occurred_at.tzinfo is None:
-            raise InvalidEvent("occurred_at must be timezone-aware")
-        if not math.isfinite(self.weight):
-            raise InvalidEvent("weight must be a finite number")
-        return user, self.item_kind, item, self.event, self.occurred_at, float(self.weight)
 
 
 @dataclass
@@ -99,14 +67,26 @@ async def ingest_events(
     return writer.stats
 
 
+@dataclass(slots=True)
+class _Unit:
+    """Rows buffered together. With `done` set they are one caller's and go in one
+    transaction, whose outcome `done` reports; without, they may be split across batches."""
+
+    rows: list[tuple[Any, ...]]
+    done: asyncio.Future[None] | None = None
+
+
 class EventWriter:
     """A buffer in front of `recs_events` for a long-lived producer.
 
-    `add` returns once the event is buffered; it waits only when `concurrency` batches are
-    already being written (back-pressure). Full batches go at once, a partial one after
-    `flush_interval_s`. `flush` writes what is buffered and waits for every batch in flight;
-    `close` flushes and stops the timer. A batch that fails (after its retries) makes the
-    next `add`, `flush` or `close` raise.
+    Two ways in. `add` / `add_many` return once the events are buffered; they wait only when
+    `concurrency` batches are already being written (back-pressure). Full batches go at once,
+    a partial one after `flush_interval_s`; a batch that fails (after its retries) makes the
+    next `add`, `flush` or `close` raise. `submit` returns only when its events are committed
+    (or raises why not), all of them in one transaction: group commit, so with a free write
+    slot they go at once, and callers that arrive while the slots are busy share the next
+    transaction. `flush` writes what is buffered and waits for every batch in flight; `close`
+    flushes and stops the timer.
     """
 
     def __init__(
@@ -121,8 +101,9 @@ class EventWriter:
         self.batch_rows = batch_rows or db.config.batch_rows
         self.stats = IngestStats()
         self._slots = asyncio.Semaphore(concurrency or db.config.write_concurrency)
-        self._lock = asyncio.Lock()  # one drainer at a time: the producer or the timer
-        self._buffer: list[tuple[Any, ...]] = []
+        self._lock = asyncio.Lock()  # one drainer at a time: a producer or the timer
+        self._buffer: deque[_Unit] = deque()
+        self._buffered = 0  # rows in _buffer
         self._in_flight: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
         self._interval = flush_interval_s
@@ -136,14 +117,26 @@ class EventWriter:
         """Validate all of `events` (raising InvalidEvent before buffering any), then add."""
         await self._add_rows([event.row() for event in events])
 
+    async def submit(self, rows: list[tuple[Any, ...]]) -> None:
+        """Write validated rows (as `Event.row` gives them) in one transaction; return once
+        it committed. Raises what the transaction raised after its retries."""
+        done = asyncio.get_running_loop().create_future()
+        self._append(_Unit(rows, done))
+        await self._drain(everything=True)
+        await done
+
     async def _add_rows(self, rows: list[tuple[Any, ...]]) -> None:
         self._raise_failure()
         if self._timer is None and self._interval > 0:
             self._timer = asyncio.create_task(self._flush_periodically())
-        self._buffer.extend(rows)
-        self.stats.received += len(rows)
-        if len(self._buffer) >= self.batch_rows:
+        self._append(_Unit(rows))
+        if self._buffered >= self.batch_rows:
             await self._drain(everything=False)
+
+    def _append(self, unit: _Unit) -> None:
+        self._buffer.append(unit)
+        self._buffered += len(unit.rows)
+        self.stats.received += len(unit.rows)
 
     async def flush(self) -> None:
         await self._drain(everything=True)
@@ -160,31 +153,60 @@ class EventWriter:
 
     async def _drain(self, everything: bool) -> None:
         async with self._lock:
-            while len(self._buffer) >= self.batch_rows or (everything and self._buffer):
+            while self._buffered >= self.batch_rows or (everything and self._buffer):
                 await self._slots.acquire()  # before taking rows: cancelling here loses none
-                batch = self._buffer[: self.batch_rows]
-                del self._buffer[: self.batch_rows]
-                task = asyncio.create_task(self._write(batch))
+                task = asyncio.create_task(self._write(self._take_batch()))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
 
-    async def _write(self, batch: list[tuple[Any, ...]]) -> None:
+    def _take_batch(self) -> list[_Unit]:
+        """Up to batch_rows rows from the front; a submitted unit whole, even if larger."""
+        batch: list[_Unit] = []
+        room = self.batch_rows
+        while self._buffer and room > 0:
+            unit = self._buffer[0]
+            if unit.done is None and len(unit.rows) > room:
+                batch.append(_Unit(unit.rows[:room]))
+                del unit.rows[:room]
+                taken = room
+            elif unit.done is not None and batch and len(unit.rows) > room:
+                break
+            else:
+                batch.append(self._buffer.popleft())
+                taken = len(unit.rows)
+            self._buffered -= taken
+            room -= taken
+        return batch
+
+    async def _write(self, batch: list[_Unit]) -> None:
         try:
             # Duplicates inside one statement are dropped here: the table would skip them
             # anyway, and one statement must not touch a row twice.
-            unique = list(dict.fromkeys(batch))
+            unique = list(dict.fromkeys(row for unit in batch for row in unit.rows))
 
             async def insert(conn: Connection) -> int:
                 status = await conn.execute(_insert_sql(len(unique)), *_flatten(unique))
                 return int(status.rsplit(" ", 1)[-1])
 
             inserted = await self.db.transaction(insert, "ingest_events")
+        except Exception as exc:
+            log.error("event_batch_failed", events=sum(len(u.rows) for u in batch), error=str(exc))
+            for unit in batch:
+                if unit.done is None:
+                    self._failure = self._failure or exc  # nobody else will hear of it
+                elif not unit.done.done():
+                    unit.done.set_exception(exc)
+        except BaseException:
+            for unit in batch:
+                if unit.done is not None:
+                    unit.done.cancel()
+            raise
+        else:
             self.stats.inserted += inserted
             self.stats.batches += 1
-        except BaseException as exc:
-            self._failure = self._failure or exc
-            log.error("event_batch_failed", events=len(batch), error=str(exc))
-            raise
+            for unit in batch:
+                if unit.done is not None and not unit.done.done():
+                    unit.done.set_result(None)
         finally:
             self._slots.release()
 

@@ -173,3 +173,8 @@ def parse_stats(result: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("uptime_s", "draining", "models", "counters"):
         _field(result, key)
     return dict(result)
+
+
+def parse_accepted(result: Mapping[str, Any]) -> int:
+    """The `ingest` result: how many events are stored."""
+    return _int(result, "accepted")

@@ -189,6 +189,8 @@ async def _sync_locked(
     phase = time.perf_counter()
     say(f"training {report.kind} on {len(frame):,} interactions ...")
     trained = await asyncio.to_thread(_train, frame, report.kind, config, epochs)
+    # Workers with [worker] recent_events read the events inserted after this moment.
+    trained.data["exported_at_unix"] = int(export.snapshot.timestamp())
     report.metrics = dict(trained.metrics)
     report.timings["train"] = time.perf_counter() - phase
     say(f"trained and evaluated in {report.timings['train']:.1f} s")

@@ -28,19 +28,25 @@ class Cluster:
         *,
         broker: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
+        database: dict[str, Any] | None = None,
+        ingest_workers: int = 0,
     ) -> None:
+        """`ingest_workers` > 0 enables [ingest]; they write to `database` (its url, retries)."""
         # IPC paths are limited to ~107 bytes: keep the sockets in a short temporary path.
         self.root = Path(tempfile.mkdtemp(prefix="ur-"))
         self.run_dir = self.root / "run"
         self.config_path = self.root / "uro-recs.toml"
         lines = [f'run_dir = "{self.run_dir}"', f'store = "{store}"', 'log_format = "json"']
-        for section, values in (("broker", broker or {}), ("worker", worker or {})):
+        ingest = {"enabled": True, "workers": ingest_workers} if ingest_workers else {}
+        sections = {"broker": broker, "worker": worker, "database": database, "ingest": ingest}
+        for section, values in ((name, v or {}) for name, v in sections.items()):
             lines.append(f"[{section}]")
             lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
         for name, count in models.items():
             lines += ["[[models]]", f'name = "{name}"', f"workers = {count}"]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.models = models
+        self.ingest_workers = ingest_workers
         self.broker: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.client_endpoint = f"ipc://{self.run_dir / 'client.sock'}"
@@ -57,9 +63,19 @@ class Cluster:
         for name, count in self.models.items():
             for _ in range(count):
                 self.workers.append(self.spawn("worker", "--model", name))
+        for _ in range(self.ingest_workers):
+            self.start_ingest_worker()
         if wait:
-            self.wait_for_workers({name: count for name, count in self.models.items()})
+            expected = dict(self.models)
+            if self.ingest_workers:
+                expected[protocol.INGEST_WORKERS] = self.ingest_workers
+            self.wait_for_workers(expected)
         return self
+
+    def start_ingest_worker(self) -> subprocess.Popen[bytes]:
+        process = self.spawn("ingest-worker")
+        self.workers.append(process)
+        return process
 
     def start_worker(self, model: str) -> subprocess.Popen[bytes]:
         process = self.spawn("worker", "--model", model)

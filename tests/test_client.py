@@ -502,6 +502,7 @@ PARSERS: dict[str, Callable[[dict[str, Any]], object]] = {
     "recommend_many_ok": parse.parse_recommendations,
     "predict_ok": parse.parse_prediction,
     "similar_items_ok": parse.parse_similar_items,
+    "ingest_ok": parse.parse_accepted,
 }
 
 

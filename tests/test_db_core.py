@@ -28,7 +28,8 @@ from uro_recs.sdk.db import (
 if TYPE_CHECKING:
     from uro_recs.sdk.db import Connection
 
-SDK = Path(__file__).resolve().parent.parent / "sdk"
+ROOT = Path(__file__).resolve().parent.parent
+SQL_FOLDERS = (ROOT / "sdk", ROOT / "worker")  # every module that talks to the database
 # What CockroachDB does not run (docs/COCKROACHDB.md), as patterns over upper-cased SQL.
 FORBIDDEN = {
     "SERIAL types": r"\b(SMALL|BIG)?SERIAL\b",
@@ -47,10 +48,10 @@ ALLOWED_COLUMN_TYPES = {"INT8", "INT4", "UUID", "FLOAT8", "TEXT", "TIMESTAMPTZ",
 
 
 def sdk_sql_literals() -> list[str]:
-    """The SQL in the SDK's Python: every string literal (f-string parts joined) that starts
-    like a statement."""
+    """The SQL in the SDK's and the workers' Python: every string literal (f-string parts
+    joined) that starts like a statement."""
     found = []
-    for path in sorted(SDK.glob("*.py")):
+    for path in sorted(p for folder in SQL_FOLDERS for p in folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 text = node.value
@@ -80,6 +81,7 @@ def test_sdk_sql_is_found_by_the_scan() -> None:
     literals = sdk_sql_literals()
     assert any("recs_recommendation_pointer" in s for s in literals)
     assert any("backpack_join" in s for s in literals)
+    assert any("inserted_at" in s for s in literals)  # worker/recent_events.py
     assert len(literals) > 20
 
 
@@ -123,7 +125,7 @@ def test_migrate_applies_everything_once_then_nothing(empty_database: str) -> No
         return first.applied, second.applied, {r["table_name"] for r in rows}
 
     first, second, tables = with_database(empty_database, twice)
-    assert first == ["0001_recs_tables"]
+    assert first == ["0001_recs_tables", "0002_recs_events_inserted_at"]
     assert second == []
     assert {
         "recs_events",

@@ -1,5 +1,6 @@
-"""The whole path through the command line: db migrate -> sync -> serve -> recommend ->
-batch-recommend, on uro's tables in a fresh PostgreSQL database."""
+"""The whole path through the command line: db migrate -> sync -> serve -> recommend -> ingest
+-> recommend (the event filtered) -> batch-recommend, on uro's tables in a fresh PostgreSQL
+database."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,9 @@ from tests.db_fixtures import (  # noqa: F401
     empty_database,
     load_community,
     load_events,
+    wait_until,
 )
-from uro_recs.sdk import Client
+from uro_recs.sdk import Client, Event
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +55,9 @@ def test_migrate_sync_serve_recommend_and_batch_recommend(
 
     migrated = uro_recs(config, "db", "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert "1 applied" in migrated.stdout
+    assert "2 applied" in migrated.stdout
     again = uro_recs(config, "db", "migrate")
-    assert "0 applied" in again.stdout and "1 already there" in again.stdout
+    assert "0 applied" in again.stdout and "2 already there" in again.stdout
     asyncio.run(load_events(empty_database, community))
 
     synced = uro_recs(config, "sync")
@@ -62,14 +65,30 @@ def test_migrate_sync_serve_recommend_and_batch_recommend(
     assert "PUBLISHED" in synced.stdout and "uro-recs rollout als" in synced.stdout
 
     user = str(community.saves["user"].iloc[0])
-    with (
-        Cluster(store, {"als": 1}).start() as cluster,
-        Client(cluster.client_endpoint, model="als", timeout=10) as client,
-    ):
+    cluster = Cluster(
+        store,
+        {"als": 1},
+        worker={"recent_events": True, "recent_events_refresh_ms": 100},
+        database={"url": empty_database},
+        ingest_workers=1,
+    )
+    with cluster.start(), Client(cluster.client_endpoint, model="als", timeout=10) as client:
         served = client.recommend(user, n=10)
+        top = str(served.items[0])
+        without_top = client.recommend(user, n=10, exclude=[top]).items
+        # The user plays the top item now: through the broker into recs_events, and from there
+        # into the model worker's filter, long before any retrain.
+        played = Event(user, community.public[top], top, "play", datetime.now(UTC))
+        assert client.ingest([played]) == 1
+        wait_until(lambda: client.recommend(user, n=10).items == without_top, timeout_s=10)
+        # Unfiltered, only items the user consumed in training can rank above `top`.
+        trained_on = set(community.expected_pairs().query("user == @user")["item"])
+        unfiltered = client.recommend(user, n=len(trained_on) + 1, filter_consumed=False).items
     assert not served.cold_start
     assert len(served.items) == 10
     assert all(str(item) in community.public for item in served.items)
+    assert top not in without_top and len(without_top) == 10
+    assert top in unfiltered  # only filter_consumed leaves recent items out
 
     batched = uro_recs(config, "batch-recommend")
     assert batched.returncode == 0, batched.stderr

@@ -257,14 +257,18 @@ def test_install_again_keeps_config_and_members_and_follows_the_models(
     config = staged_root / "etc/uro-recs/uro-recs.toml"
     config.write_text(config.read_text().replace("workers = 2", "workers = 1"))
     config.write_text(config.read_text() + '\n[[models]]\nname = "deepfm"\nworkers = 1\n')
+    config.write_text(config.read_text().replace("enabled = false", "enabled = true\nworkers = 2"))
     report = install(staged_root).stdout
     assert "kept /etc/uro-recs/uro-recs.toml" in report and "members uro" in report
     assert "m uro uro-recs" in (staged_root / "etc/sysusers.d/uro-recs.conf").read_text()
     wants = staged_root / "etc/systemd/system/uro-recs.target.wants"
     assert sorted(p.name for p in wants.iterdir()) == [
+        "uro-recs-ingest@1.service",
+        "uro-recs-ingest@2.service",
         "uro-recs-worker@als-1.service",
         "uro-recs-worker@deepfm-1.service",
     ]
+    assert os.readlink(wants / "uro-recs-ingest@2.service").endswith("/uro-recs-ingest@.service")
 
 
 def test_install_refuses_an_executable_that_protect_home_hides(tmp_path: Path) -> None:
@@ -283,7 +287,11 @@ def test_every_service_is_exposed_at_most_2_5(
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     install(staged_root)
-    services = ("uro-recs-broker.service", "uro-recs-worker@als-1.service")
+    services = (
+        "uro-recs-broker.service",
+        "uro-recs-worker@als-1.service",
+        "uro-recs-ingest@1.service",
+    )
     scores = {unit: exposure(staged_root, unit) for unit in (*services, "uro-recs-retrain.service")}
     with capsys.disabled():
         print(f"\nsystemd-analyze security exposure: {scores}")
@@ -593,7 +601,12 @@ def test_services_are_exposed_at_most_2_5_as_loaded(
     sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
     scores = {}
-    for unit in ("uro-recs-broker.service", WORKERS[0], "uro-recs-retrain.service"):
+    for unit in (
+        "uro-recs-broker.service",
+        WORKERS[0],
+        "uro-recs-ingest@1.service",
+        "uro-recs-retrain.service",
+    ):
         output = sandbox.run("systemd-analyze", "security", unit).stdout
         scores[unit] = float(output.split("Overall exposure level for")[1].split()[1])
     with capsys.disabled():
@@ -604,7 +617,12 @@ def test_services_are_exposed_at_most_2_5_as_loaded(
 def test_units_verify_clean_in_the_booted_system(sandbox: Sandbox) -> None:
     paths = [f"/etc/systemd/system/{name}" for name in UNITS if "@" not in name]
     result = sandbox.run(
-        "systemd-analyze", "verify", *paths, "uro-recs-worker@als-1.service", check=False
+        "systemd-analyze",
+        "verify",
+        *paths,
+        "uro-recs-worker@als-1.service",
+        "uro-recs-ingest@1.service",
+        check=False,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 

@@ -1,0 +1,230 @@
+"""What every worker process shares: the broker link and its lifecycle.
+
+A worker registers with the broker only once it can answer, heartbeats from its own loop (a
+stuck loop stops the heartbeats, and the broker then redelivers what it held), reconnects
+when the broker goes silent, and on SIGTERM tells the broker it is draining, answers what it
+holds and exits when the broker has let it go. Subclasses say what they serve (`hello`) and
+how they answer (`execute`): `WorkerService` a model, `IngestWorker` the event log.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import zmq
+
+from uro_recs import protocol
+from uro_recs.config import BrokerConfig, WorkerConfig
+from uro_recs.protocol import ErrorCode, ProtocolError, RequestId
+from uro_recs.wakeup import Wakeup
+
+log = structlog.get_logger("uro_recs.worker")
+
+
+@dataclass(slots=True)
+class Job:
+    seq: int  # the broker's sequence number, echoed in the reply
+    deadline: float  # time.monotonic() seconds
+    body: bytes
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        config: WorkerConfig,
+        broker: BrokerConfig,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.config = config
+        self.heartbeat_s = broker.heartbeat_ms / 1000
+        self.liveness_s = self.heartbeat_s * broker.liveness
+        self.max_message_bytes = broker.max_message_bytes
+        self.context = context or zmq.Context.instance()
+        self.identity = f"{name}-{os.getpid()}".encode()
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.running = False
+        self.served = 0
+        self._on_drain: Callable[[], None] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._next_heartbeat = 0.0
+        self._wakeup = Wakeup()
+
+    # --- what subclasses provide ------------------------------------------------------------
+
+    def hello(self) -> protocol.WorkerHello:
+        """What this worker serves, for READY and UPDATE."""
+        raise NotImplementedError
+
+    def execute(self, jobs: list[Job]) -> None:
+        """Answer each job exactly once, now or later (from `after_wake`)."""
+        raise NotImplementedError
+
+    def on_load(self, version: str) -> None:
+        """The broker asked for another version (a rollout); by default there is none."""
+        log.warning("load_ignored", worker=self.name, version=version)
+
+    def after_wake(self) -> None:
+        """Called on every turn of the loop, after `wake()` from another thread too."""
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        self._wakeup.on_stop_signals(self.begin_drain)
+
+    def wake(self) -> None:
+        """From any thread: make the loop turn now (it then calls `after_wake`)."""
+        self._wakeup.wake()
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
+            self._send(protocol.DISCONNECT)
+            log.info("worker_draining", worker=self.name)
+            if self._on_drain is not None:
+                self._on_drain()
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self.register()
+        return sock
+
+    def register(self, command: int = protocol.READY) -> None:
+        """READY, or UPDATE after switching versions on the same connection."""
+        assert self._sock is not None
+        self._sock.send_multipart(protocol.encode_ready(self.hello(), command))
+
+    def _send(self, command: int, *payload: bytes, seq: int = 0) -> None:
+        if self._sock is not None:
+            self._sock.send_multipart([protocol.worker_header(command, seq), *payload])
+
+    def run(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until drained. `on_ready` is called once READY is sent to the broker, `on_tick`
+        once per loop iteration (at least every heartbeat), `on_drain` when a drain begins."""
+        self._on_drain = on_drain
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        self.running = True
+        hello = self.hello()
+        log.info(
+            "worker_ready",
+            worker=self.name,
+            version=hello.version,
+            slots=hello.slots,
+            endpoint=self.endpoint,
+        )
+        if on_ready is not None:
+            on_ready()
+        broker_expires = time.monotonic() + self.liveness_s
+        self._next_heartbeat = time.monotonic() + self.heartbeat_s
+        while self.running:
+            timeout_ms = max(0, int((self._next_heartbeat - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(timeout_ms))
+            if on_tick is not None:
+                on_tick()
+            if self._wakeup.fileno() in events:
+                self._wakeup.drain()
+            if sock in events:
+                jobs = self._receive(sock)
+                broker_expires = time.monotonic() + self.liveness_s
+                if jobs:
+                    self.execute(jobs)
+            self.after_wake()
+            self.heartbeat_if_due()
+            now = time.monotonic()
+            if self.draining and (now >= self.drain_deadline or now >= broker_expires):
+                log.info("worker_drained_without_broker", worker=self.name)
+                self.running = False
+            elif now >= broker_expires:
+                log.warning("broker_lost", worker=self.name, endpoint=self.endpoint)
+                poller.unregister(sock)
+                sock = self._connect()
+                poller.register(sock, zmq.POLLIN)
+                broker_expires = now + self.liveness_s
+        log.info("worker_stopped", worker=self.name, served=self.served)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._wakeup.close()
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _receive(self, sock: zmq.Socket[bytes]) -> list[Job]:
+        """Read everything queued (up to our slots), waiting up to max_batch_delay for more."""
+        jobs: list[Job] = []
+        wait_until = 0.0
+        while len(jobs) < self.config.slots:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if not jobs or self.config.max_batch_delay_ms <= 0:
+                    break
+                if not wait_until:
+                    wait_until = time.monotonic() + self.config.max_batch_delay_ms / 1000
+                remaining_ms = (wait_until - time.monotonic()) * 1000
+                if remaining_ms <= 0 or not sock.poll(max(1, int(remaining_ms))):
+                    break
+                continue
+            job = self._on_message(frames)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _on_message(self, frames: list[bytes]) -> Job | None:
+        try:
+            header = protocol.parse_worker_header(frames[0])
+        except ProtocolError:
+            log.warning("broker_message_malformed", frames=len(frames))
+            return None
+        command = header.command
+        if command == protocol.REQUEST and len(frames) == 2:
+            deadline = header.deadline_us / 1_000_000  # the host's CLOCK_MONOTONIC
+            return Job(seq=header.seq, deadline=deadline, body=frames[1])
+        if command == protocol.LOAD and len(frames) == 2:
+            self.on_load(frames[1].decode(errors="replace"))
+            return None
+        if command == protocol.DISCONNECT:
+            if self.draining:
+                self.running = False  # the broker has let us go
+            else:
+                log.info("worker_reregistering", worker=self.name)
+                self.register()
+        return None
+
+    def heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._send(protocol.HEARTBEAT)
+            self._next_heartbeat = now + self.heartbeat_s
+
+    def reply(self, job: Job, body: bytes) -> None:
+        self.served += 1
+        self._send(protocol.REPLY, body, seq=job.seq)
+
+    def reply_error(
+        self, job: Job, request_id: RequestId | None, code: ErrorCode, message: str
+    ) -> None:
+        self.reply(job, protocol.encode_error(request_id, code, message))
