@@ -6,7 +6,9 @@
 For each catalogue and model, on the same saved model version and the same request mix
 (random known users plus 5% unknown, n=10), with one BLAS/OpenMP/TF thread everywhere:
   - in-process: libreco's `recommend_user` called in this process, one call at a time;
-  - FastAPI: one uvicorn process holding the model, JSON over HTTP;
+  - FastAPI: one uvicorn process holding the model, JSON over HTTP; and once more with the
+    libraries' default threads (one per core), which is what a FastAPI service runs with
+    unless someone sets them (not in --smoke);
   - uro-recs with 1 and with 2 workers, through the broker over IPC.
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
 time); the result is the highest rate whose p99 stays at or under 10 ms with no errors, and
@@ -71,6 +73,7 @@ class Plan:
     growth: float
     max_steps: int
     smoke: bool
+    default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
 
 
 def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[Path, pd.DataFrame]:
@@ -125,10 +128,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+)
+
+
 @contextmanager
-def fastapi_server(store: Path, model: str) -> Iterator[int]:
+def fastapi_server(store: Path, model: str, threads: int = 1) -> Iterator[int]:
     port = free_port()
     env = {**os.environ, "URO_RECS_BENCH_STORE": str(store), "URO_RECS_BENCH_MODEL": model}
+    env["URO_RECS_BENCH_THREADS"] = str(threads)
+    if threads != 1:  # nothing pinned: the pools size themselves, as they do by default
+        for name in THREAD_VARIABLES:
+            env.pop(name, None)
     command = [sys.executable, "-m", "uvicorn", "perf.fastapi_app:app", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--log-level", "warning", "--no-access-log"], env=env, stderr=subprocess.DEVNULL
@@ -215,30 +231,28 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
     systems: dict[str, list[dict[str, Any]]] = {}
     memory: dict[str, list[dict[str, int]]] = {}
     saturated: dict[str, dict[str, Any]] = {}  # closed loop: throughput whatever the latency
-    with fastapi_server(store, model) as port:
-        systems["fastapi"] = sweep(
-            lambda rate: http_run(
+    fastapi_runs = [("fastapi", 1)]
+    if plan.default_threads:
+        fastapi_runs.append(("fastapi default threads", os.cpu_count() or 1))
+    for name, threads in fastapi_runs:
+        with fastapi_server(store, model, threads) as port:
+
+            def http_at(rate: float, port: int = port, name: str = name) -> RunResult:
+                return http_run(
+                    "127.0.0.1", port, mix, rate=rate, concurrency=64, duration_s=step, system=name
+                )
+
+            systems[name] = sweep(http_at, plan, first_rate)
+            saturated[name] = http_run(
                 "127.0.0.1",
                 port,
                 mix,
-                rate=rate,
-                concurrency=64,
+                rate=0,
+                concurrency=SATURATION_IN_FLIGHT,
                 duration_s=step,
-                system="fastapi",
-            ),
-            plan,
-            first_rate,
-        )
-        saturated["fastapi"] = http_run(
-            "127.0.0.1",
-            port,
-            mix,
-            rate=0,
-            concurrency=SATURATION_IN_FLIGHT,
-            duration_s=step,
-            system="fastapi",
-        ).summary()
-        print_step(saturated["fastapi"], f"{SATURATION_IN_FLIGHT} in flight")
+                system=name,
+            ).summary()
+            print_step(saturated[name], f"{SATURATION_IN_FLIGHT} in flight")
     for workers in (1, 2):
         name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
         with uro_recs_server(root, store, model, workers) as (endpoint, serve):
@@ -377,6 +391,9 @@ def main() -> int:
     parser.add_argument("--catalogues", default="demo,large")
     parser.add_argument("--models", default="als,deepfm")
     parser.add_argument("--step-s", type=float, default=3.0)
+    parser.add_argument(
+        "--no-default-threads", action="store_true", help="skip FastAPI with default threads"
+    )
     parser.add_argument("--dir", type=Path, default=Path("var/bench"))
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     args = parser.parse_args()
@@ -387,6 +404,7 @@ def main() -> int:
         growth=2.0 if args.smoke else 1.5,
         max_steps=2 if args.smoke else 14,
         smoke=args.smoke,
+        default_threads=not args.smoke and not args.no_default_threads,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -398,7 +416,8 @@ def main() -> int:
             report = {  # rewritten after each model, so a long run keeps what it measured
                 "created_at": stamp,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op)",
+                "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op), except"
+                " 'fastapi default threads': one per core",
                 "p99_budget_ms": P99_BUDGET_MS,
                 "plan": plan.__dict__,
                 "summary": summarize(results),

@@ -5,7 +5,9 @@
 
 It serves the same saved model version as the sidecar, JSON in and out, and answers with
 libreco's own `recommend_user` (through the libreco engine, which adds the deterministic
-popular fallback for unknown users and nothing else).
+popular fallback for unknown users and nothing else). URO_RECS_BENCH_THREADS sets the BLAS,
+OpenMP, torch and TF thread pools (default 1); the benchmark also runs it with one thread per
+core, what the libraries pick when nobody sets them.
 """
 
 from __future__ import annotations

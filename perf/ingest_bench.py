@@ -138,6 +138,9 @@ def main() -> None:
         print(f"{row['path']:<32} {row['events_per_s']:>10,} {p50:>8} {p99:>8}  {errors}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    failed = [row["path"] for row in rows if row.get("errors") or row.get("unanswered")]
+    if failed:
+        raise SystemExit(f"requests failed or went unanswered: {failed}")
 
 
 async def _migrate(url: str) -> None:
