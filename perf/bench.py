@@ -13,8 +13,9 @@ For each catalogue and model, on the same saved model version and the same reque
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
 time); the result is the highest rate whose p99 stays at or under 10 ms with no errors, and
 the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
-saturated throughput, whatever the latency. Writes a JSON file and a PNG chart, prints a summary
-table.
+saturated throughput, whatever the latency. perf/floor.py first measures what one and two
+ZeroMQ hops between idle Python processes cost on this machine. Writes a JSON file and a PNG
+chart, prints a summary table.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ apply_thread_limits(1)  # before numpy: like for like, one thread in every syste
 
 import pandas as pd  # noqa: E402
 
+from perf import floor  # noqa: E402
 from perf.loadgen import (  # noqa: E402
     RequestMix,
     RunResult,
@@ -72,6 +74,7 @@ class Plan:
     step_s: float
     growth: float
     max_steps: int
+    bisect_steps: int  # after the first rate over budget, halve the gap this many times
     smoke: bool
     default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
 
@@ -92,19 +95,31 @@ def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[
 def sweep(
     run_at: Callable[[float], RunResult], plan: Plan, first_rate: float
 ) -> list[dict[str, Any]]:
-    """Raise the offered rate until p99 > budget or errors appear; then run at half the best."""
+    """Raise the offered rate until p99 > budget or errors appear, narrow the gap between the
+    last rate within budget and the first over it by bisection; then run at half the best."""
     steps: list[dict[str, Any]] = []
     rate = first_rate
     best = 0.0
+    failed = 0.0
     run_at(rate)  # warm-up, not counted: first requests pay for lazy imports and caches
     for _ in range(plan.max_steps):
         summary = run_at(rate).summary()
         steps.append(summary)
         print_step(summary)
         if not within_budget(summary):
+            failed = rate
             break
         best = rate
         rate *= plan.growth
+    for _ in range(plan.bisect_steps if best and failed else 0):
+        rate = round((best + failed) / 2)
+        summary = run_at(rate).summary()
+        steps.append(summary)
+        print_step(summary, "bisecting")
+        if within_budget(summary):
+            best = rate
+        else:
+            failed = rate
     if best:
         half = run_at(best / 2).summary()
         half["half_of_best"] = True
@@ -403,12 +418,17 @@ def main() -> int:
         step_s=0.5 if args.smoke else args.step_s,
         growth=2.0 if args.smoke else 1.5,
         max_steps=2 if args.smoke else 14,
+        bisect_steps=0 if args.smoke else 3,
         smoke=args.smoke,
         default_threads=not args.smoke and not args.no_default_threads,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = "smoke" if args.smoke else f"bench-{stamp}"
+    # What two process hops cost here before any work: the bar under the overhead target.
+    zmq_floor = floor.measure(max(plan.step_s, 1.0))
+    for row in zmq_floor:
+        print_step(row, "ZeroMQ floor, no work done")
     results: list[dict[str, Any]] = []
     for catalogue in plan.catalogues:
         for model in plan.models:
@@ -419,12 +439,17 @@ def main() -> int:
                 "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op), except"
                 " 'fastapi default threads': one per core",
                 "p99_budget_ms": P99_BUDGET_MS,
+                "zmq_floor": zmq_floor,
                 "plan": plan.__dict__,
                 "summary": summarize(results),
                 "results": results,
             }
             (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     print_table(summarize(results))
+    print(
+        "ZeroMQ floor, one request at a time: "
+        + ", ".join(f"{row['system']} p50 {row['p50_ms']:.3f} ms" for row in zmq_floor)
+    )
     chart(results, args.out / f"{name}.png")
     print(f"\nwrote {args.out / name}.json and .png")
     return 0
