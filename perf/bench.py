@@ -11,7 +11,8 @@ For each catalogue and model, on the same saved model version and the same reque
     unless someone sets them (not in --smoke);
   - uro-recs with 1 and with 2 workers, through the broker over IPC.
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
-time); the result is the highest rate whose p99 stays at or under 10 ms with no errors, and
+time; each step at least --step-s seconds and 1,000 requests); the result is the highest rate
+whose p99 stays at or under 10 ms with no errors (bisected three times at the edge), and
 the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
 saturated throughput, whatever the latency. perf/floor.py first measures what one and two
 ZeroMQ hops between idle Python processes cost on this machine. Writes a JSON file and a PNG
@@ -75,6 +76,7 @@ class Plan:
     growth: float
     max_steps: int
     bisect_steps: int  # after the first rate over budget, halve the gap this many times
+    min_samples: int  # requests per step at least, so that its p99 means something
     smoke: bool
     default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
 
@@ -93,7 +95,7 @@ def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[
 
 
 def sweep(
-    run_at: Callable[[float], RunResult], plan: Plan, first_rate: float
+    run_at: Callable[[float, float], RunResult], plan: Plan, first_rate: float
 ) -> list[dict[str, Any]]:
     """Raise the offered rate until p99 > budget or errors appear, narrow the gap between the
     last rate within budget and the first over it by bisection; then run at half the best."""
@@ -101,9 +103,14 @@ def sweep(
     rate = first_rate
     best = 0.0
     failed = 0.0
-    run_at(rate)  # warm-up, not counted: first requests pay for lazy imports and caches
+
+    def run(rate: float) -> dict[str, Any]:
+        # Long enough for min_samples requests: a p99 of 150 requests is its 2nd-worst one.
+        return run_at(rate, max(plan.step_s, plan.min_samples / rate)).summary()
+
+    run_at(rate, plan.step_s)  # warm-up, not counted: the first requests pay for lazy imports
     for _ in range(plan.max_steps):
-        summary = run_at(rate).summary()
+        summary = run(rate)
         steps.append(summary)
         print_step(summary)
         if not within_budget(summary):
@@ -113,7 +120,7 @@ def sweep(
         rate *= plan.growth
     for _ in range(plan.bisect_steps if best and failed else 0):
         rate = round((best + failed) / 2)
-        summary = run_at(rate).summary()
+        summary = run(rate)
         steps.append(summary)
         print_step(summary, "bisecting")
         if within_budget(summary):
@@ -121,7 +128,7 @@ def sweep(
         else:
             failed = rate
     if best:
-        half = run_at(best / 2).summary()
+        half = run(best / 2)
         half["half_of_best"] = True
         steps.append(half)
         print_step(half, "half of best")
@@ -252,9 +259,17 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
     for name, threads in fastapi_runs:
         with fastapi_server(store, model, threads) as port:
 
-            def http_at(rate: float, port: int = port, name: str = name) -> RunResult:
+            def http_at(
+                rate: float, seconds: float, port: int = port, name: str = name
+            ) -> RunResult:
                 return http_run(
-                    "127.0.0.1", port, mix, rate=rate, concurrency=64, duration_s=step, system=name
+                    "127.0.0.1",
+                    port,
+                    mix,
+                    rate=rate,
+                    concurrency=64,
+                    duration_s=seconds,
+                    system=name,
                 )
 
             systems[name] = sweep(http_at, plan, first_rate)
@@ -279,8 +294,10 @@ def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dic
             print_step(unloaded, "one at a time through the SDK")
             memory[name] = worker_memory(serve.pid)
 
-            def at_rate(rate: float, endpoint: str = endpoint, name: str = name) -> RunResult:
-                return zmq_open_loop(endpoint, model, mix, rate, step, name)
+            def at_rate(
+                rate: float, seconds: float, endpoint: str = endpoint, name: str = name
+            ) -> RunResult:
+                return zmq_open_loop(endpoint, model, mix, rate, seconds, name)
 
             systems[name] = sweep(at_rate, plan, first_rate)
             systems[name].insert(0, {**unloaded, "unloaded": True})
@@ -419,6 +436,7 @@ def main() -> int:
         growth=2.0 if args.smoke else 1.5,
         max_steps=2 if args.smoke else 14,
         bisect_steps=0 if args.smoke else 3,
+        min_samples=0 if args.smoke else 1_000,
         smoke=args.smoke,
         default_threads=not args.smoke and not args.no_default_threads,
     )
