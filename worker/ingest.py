@@ -23,7 +23,7 @@ import zmq
 
 from uro_recs import protocol
 from uro_recs.config import BrokerConfig, DatabaseConfig, WorkerConfig
-from uro_recs.protocol import ErrorCode, IngestArgs, IngestEvent, Op, ProtocolError, RequestId
+from uro_recs.protocol import ErrorCode, IngestArgs, IngestEvent, Op, RequestId
 from uro_recs.sdk.db import Database, DatabaseError
 from uro_recs.sdk.ingest import EventWriter
 from uro_recs.worker.loop import Job, WorkerLoop
@@ -82,10 +82,8 @@ class IngestWorker(WorkerLoop):
     def execute(self, jobs: list[Job]) -> None:
         accepted: list[tuple[Job, RequestId, list[tuple[Any, ...]]]] = []
         for job in jobs:
-            try:
-                request = protocol.decode_request(job.body, self.max_message_bytes)
-            except ProtocolError as error:
-                self.reply(job, protocol.encode_protocol_error(error))
+            request = self.decode(job)
+            if request is None:
                 continue
             if not isinstance(request.args, IngestArgs):
                 message = f"ingest workers answer ingest, not {request.op}"

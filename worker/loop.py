@@ -220,6 +220,14 @@ class WorkerLoop:
             self._send(protocol.HEARTBEAT)
             self._next_heartbeat = now + self.heartbeat_s
 
+    def decode(self, job: Job) -> protocol.Request | None:
+        """The job's request; a malformed one is answered here (typed error) and gives None."""
+        try:
+            return protocol.decode_request(job.body, self.max_message_bytes)
+        except ProtocolError as error:
+            self.reply(job, protocol.encode_protocol_error(error))
+            return None
+
     def reply(self, job: Job, body: bytes) -> None:
         self.served += 1
         self._send(protocol.REPLY, body, seq=job.seq)

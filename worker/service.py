@@ -20,7 +20,6 @@ from uro_recs.config import BrokerConfig, WorkerConfig
 from uro_recs.protocol import (
     ErrorCode,
     PredictArgs,
-    ProtocolError,
     RecommendArgs,
     Request,
     SimilarItemsArgs,
@@ -116,10 +115,8 @@ class WorkerService(WorkerLoop):
         now = time.monotonic()
         batch: list[tuple[Job, Request, RecommendArgs]] = []
         for job in jobs:
-            try:
-                request = protocol.decode_request(job.body, self.max_message_bytes)
-            except ProtocolError as error:
-                self.reply(job, protocol.encode_protocol_error(error))
+            request = self.decode(job)
+            if request is None:
                 continue
             if now >= job.deadline:
                 message = "deadline passed before it ran"
