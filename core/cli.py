@@ -118,7 +118,11 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
 
         since = exported_at(engine.manifest)
         recent = RecentEvents(config.database, since, config.worker.recent_events_refresh_ms)
-        recent.start()
+        try:
+            recent.start()
+        except Exception as error:  # whatever asyncpg raised: say it and exit; systemd retries
+            print(f"worker: recent_events: cannot read recs_events: {error!r}", file=sys.stderr)
+            return 1
     service = WorkerService(
         engine, config.worker_endpoint, config.worker, config.broker, loader=load, recent=recent
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -111,3 +114,23 @@ def test_after_a_rollout_it_reads_again_from_the_new_models_export(
         wait_until(lambda: snapshot(events) == expected(newer), timeout_s=10)
     finally:
         events.stop()
+
+
+def test_a_worker_that_cannot_read_recent_events_says_so_and_exits(trained_store: Path) -> None:
+    env = {
+        **os.environ,
+        "URO_RECS_STORE": str(trained_store),
+        "URO_RECS_WORKER_RECENT_EVENTS": "true",
+        "URO_RECS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere",  # nothing listens
+        "URO_RECS_DATABASE_RETRY_ATTEMPTS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "uro_recs.cli", "worker", "--model", "als"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "cannot read recs_events" in done.stderr
