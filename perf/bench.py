@@ -168,9 +168,10 @@ def fastapi_server(store: Path, model: str, threads: int = 1) -> Iterator[int]:
         for name in THREAD_VARIABLES:
             env.pop(name, None)
     command = [sys.executable, "-m", "uvicorn", "perf.fastapi_app:app", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning", "--no-access-log"], env=env, stderr=subprocess.DEVNULL
-    )
+    # The load generator keeps a pool of connections, idle for seconds at low rates: keep them
+    # open as behind any pooling client (uvicorn closes them after 5 s by default).
+    options = ["--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "3600"]
+    process = subprocess.Popen([*command, *options], env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while True:

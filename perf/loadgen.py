@@ -223,6 +223,8 @@ class _HttpConnection:
         ).encode()
         self.writer.write(head + body)
         status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
         length = 0
         while True:
             line = await self.reader.readline()
