@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -76,6 +78,21 @@ class Cluster:
         process = self.spawn("ingest-worker")
         self.workers.append(process)
         return process
+
+    @contextmanager
+    def serve(self) -> Iterator[subprocess.Popen[bytes]]:
+        """`uro-recs serve` (broker and workers under one supervisor) instead of `start`."""
+        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path)]
+        process = subprocess.Popen(
+            [*command, "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.broker = process  # wait_for_workers checks this process stays alive
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            self.broker = None
 
     def start_worker(self, model: str) -> subprocess.Popen[bytes]:
         process = self.spawn("worker", "--model", model)

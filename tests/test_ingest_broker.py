@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -142,22 +140,11 @@ def test_serve_runs_the_ingest_workers_beside_the_models(
 ) -> None:
     url = migrated(empty_database)
     cluster = Cluster(trained_store, {"als": 1}, database={"url": url}, ingest_workers=1)
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path), "serve"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        cluster.broker = serve  # wait_for_workers checks this process stays alive
+    with cluster, cluster.serve() as serve:
         cluster.wait_for_workers({"als": 1, protocol.INGEST_WORKERS: 1})
         events = [event.wire() for event in make_events(5, seed=16)]
         reply = cluster.call("ingest", args={"events": events})
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=30) == 0
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-        cluster.broker = None
-        cluster.stop()
     assert reply["result"] == {"accepted": 5}
     assert stored(url) == 5

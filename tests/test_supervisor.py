@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,14 +25,8 @@ def _worker_pids(pid: int) -> set[int]:
 def test_serve_restarts_a_killed_worker_and_stops_cleanly(
     trained_store: Path, demo_users: list[str]
 ) -> None:
-    cluster = Cluster(trained_store, {"als": 2})  # used for its config and sockets only
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path), "serve"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        cluster.broker = serve  # wait_for_workers checks this process stays alive
+    cluster = Cluster(trained_store, {"als": 2})
+    with cluster, cluster.serve() as serve:
         cluster.wait_for_workers({"als": 2})
         before = _worker_pids(serve.pid)
         assert len(before) == 2
@@ -51,8 +43,3 @@ def test_serve_restarts_a_killed_worker_and_stops_cleanly(
         assert cluster.call("recommend", model="als", args={"user": demo_users[0]})["ok"]
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=30) == 0
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-        cluster.broker = None
-        cluster.stop()
