@@ -121,6 +121,10 @@ class Broker:
             self.frontends.append(self._bind(zmq.ROUTER, endpoint, max_bytes=self._hard_max))
         self.control = self._bind(zmq.ROUTER, control_endpoint, max_bytes=self._hard_max)
         self.backend = self._bind(zmq.ROUTER, worker_endpoint)
+        # A worker that gave up on us reconnects with the same identity, and its old connection
+        # may not be gone yet: the newest connection must own the identity, or its READY and
+        # heartbeats sit unread while we route its requests to the dead one.
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for endpoint in client_endpoints:
             _set_socket_access(endpoint, config.client_socket_mode_bits, config.client_socket_group)
         _set_socket_access(control_endpoint, 0o600)

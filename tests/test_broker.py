@@ -312,3 +312,38 @@ def test_workers_register_again_with_a_restarted_broker(
         cluster.wait_for_workers({"als": 2}, timeout_s=15)
         reply = cluster.call("recommend", model="als", args={"user": users[0]})
         assert reply["ok"], reply
+
+
+def test_worker_reconnecting_before_its_old_connection_is_gone_still_gets_requests(
+    trained_store: Path, users: list[str]
+) -> None:
+    """A worker that gives up on the broker opens a new socket with the same identity; the
+    broker may still hold the old connection. The new one must take over, not be ignored."""
+    with Cluster(trained_store, {}).start() as cluster:
+        endpoint = f"ipc://{cluster.run_dir / 'workers.sock'}"
+        hello = protocol.WorkerHello(model="als", version="v-test", slots=4, info={})
+
+        def worker_socket() -> zmq.Socket[bytes]:
+            sock = cluster.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, b"worker-same-identity")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send_multipart(protocol.encode_ready(hello))
+            return sock
+
+        old = worker_socket()
+        cluster.wait_for_workers({"als": 1}, timeout_s=10)
+        new = worker_socket()
+        time.sleep(0.3)  # the new connection is up while the old one is still open
+        old.close()
+        client = _dealer(cluster.context, cluster.client_endpoint)
+        _send(client, 7, "recommend", model="als", args={"user": users[0]})
+        assert new.poll(2000), "the request never reached the worker's new connection"
+        frames = new.recv_multipart()
+        header = protocol.parse_worker_header(frames[0])
+        assert header.command == protocol.REQUEST
+        answer = protocol.encode_ok(7, {"items": []})
+        new.send_multipart([protocol.worker_header(protocol.REPLY, header.seq), answer])
+        assert _collect(client, 1, timeout_s=2)[7]["ok"]
+        client.close()
+        new.close()
