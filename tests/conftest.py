@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 if TYPE_CHECKING:
+    from uro_recs.worker.engine import Id
     from uro_recs.worker.training import ModelKind
 
 # Small enough to train both models in a few seconds on two cores.
@@ -64,6 +65,11 @@ class Reference:
         ranked = self.model.recommend_user(user=user, n_rec=n, filter_consumed=filter_consumed)
         items: list[str] = ranked[user].tolist()
         return items
+
+    def scores(self, user: Id, items: list[Id]) -> list[float]:
+        """libreco's predict for one known user and these items."""
+        values: list[float] = self.model.predict(user=[user] * len(items), item=items).tolist()
+        return values
 
     def consumed(self, user: str) -> int:
         return len(self.data_info.user_consumed[self.data_info.user2id[user]])

@@ -1,14 +1,14 @@
 """What the worker loop calls: one verified model version behind a small API.
 
-Two implementations extend `Engine`:
-- `EmbeddingEngine` (worker/embedding_engine.py) scores embedding models (ALS) with numpy
-  straight from libreco's saved arrays: no TensorFlow or torch in the process, and a batch
-  of users is one matrix product plus a partial sort.
+Implementations of `Engine`:
+- the numpy engines (worker/numpy_engine.py) score straight from libreco's saved files, with
+  no libreco, TensorFlow or torch in the process: `EmbeddingEngine` (ALS: a batch of users is
+  one matrix product plus a partial sort) and `DeepFMEngine` (item-side work done at load);
 - `LibrecoEngine` (worker/libreco_engine.py) loads the model with libreco and calls its
-  `recommend_user` / `predict`; it serves every other model (DeepFM).
-Both answer exactly what libreco's `recommend_user` answers for the same saved model; the
-tests hold them to it. `load_engine` verifies the version's checksums and picks one; this
-module imports neither, so choosing is cheap.
+  `recommend_user` / `predict`: any model, and the baseline the others are checked against.
+All answer what libreco's `recommend_user` answers for the same saved model; the tests hold
+them to it. `load_engine` verifies the version's checksums and picks one; this module imports
+none of them, so choosing is cheap.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from uro_recs.worker.model_store import (
 
 log = structlog.get_logger(__name__)
 
-# Classes EmbeddingEngine serves from libreco's saved embeddings (proven equal in the tests).
-EMBEDDING_CLASSES: Final = frozenset({"ALS"})
 # Upper bound on user x item scores computed in one call (a memory guard for large batches).
 MAX_SCORES_PER_CALL: Final = 4_000_000
 _WARM_UP_ROUNDS: Final = 3
@@ -204,8 +202,9 @@ def load_engine(
 ) -> Engine:
     """Verify a stored version (the CURRENT one by default), then load it.
 
-    Checksums are checked before any file is read. Embedding models load into the numpy
-    `EmbeddingEngine` unless `fast_path` is off; everything else goes through libreco.
+    Checksums are checked before any file is read. ALS and DeepFM load into a numpy engine
+    unless `fast_path` is off (or the DeepFM uses features it does not compute); everything
+    else goes through libreco.
     """
     if threads < 1:
         raise BadArgument(f"threads must be at least 1, got {threads}")
@@ -213,12 +212,16 @@ def load_engine(
     chosen = version if version is not None else current_version(store, model_name)
     directory = version_dir(store, model_name, chosen)
     manifest = verify(directory)
-    engine: Engine
-    if fast_path and manifest.libreco_class in EMBEDDING_CLASSES:
+    engine: Engine | None = None
+    if fast_path and manifest.libreco_class == "ALS":
         from uro_recs.worker.embedding_engine import load_embedding_engine
 
         engine = load_embedding_engine(directory, manifest, threads)
-    else:
+    elif fast_path and manifest.libreco_class == "DeepFM":
+        from uro_recs.worker.deepfm_engine import load_deepfm_engine
+
+        engine = load_deepfm_engine(directory, manifest, threads)
+    if engine is None:
         from uro_recs.worker.libreco_engine import load_libreco_engine
 
         engine = load_libreco_engine(directory, manifest, threads)
