@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -417,3 +418,75 @@ def test_numpy_engine_loads_without_tensorflow_or_torch(trained_store: Path, nam
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"  # the lines before are log events
+
+
+def _save_deepfm(store: Path, name: str, user_feature: bool = False, **params: Any) -> None:
+    """Train a small DeepFM with libreco directly (shapes train_model does not make), save it."""
+    from libreco.algorithms import DeepFM
+    from libreco.data import DatasetFeat
+
+    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.worker.model_store import save_version, set_current
+    from uro_recs.worker.training import TrainedModel, popular_items
+
+    data = make_interactions(n_users=150, n_items=300, n_interactions=4_000, seed=11)
+    data["user_group"] = data["user"].str[0]  # a categorical user feature, when asked for
+    user_cols = ["user_group"] if user_feature else []
+    columns = ["user", "item", "label", "item_kind", *user_cols]
+    graph = tf.Graph()
+    with graph.as_default(), quiet(stderr=True):
+        train_set, data_info = DatasetFeat.build_trainset(
+            data[columns],
+            user_col=user_cols,
+            item_col=["item_kind"],
+            sparse_col=["item_kind", *user_cols],
+        )
+        model = DeepFM("ranking", data_info, embed_size=8, n_epochs=1, seed=3, **params)
+        model.fit(train_set, neg_sampling=True, verbose=0)
+    trained = TrainedModel(
+        kind="deepfm",
+        libreco_class="DeepFM",
+        model=model,
+        data_info=data_info,
+        graph=graph,
+        params={},
+        metrics={},
+        data={"n_users": int(data_info.n_users), "n_items": int(data_info.n_items)},
+        popular_items=popular_items(data),
+    )
+    save_version(store, name, "2026-11-27T000000Z", trained.save, trained.manifest_fields())
+    set_current(store, name, "2026-11-27T000000Z")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"hidden_units": [8], "use_bn": False}, {"hidden_units": [16, 8, 4], "use_bn": True}],
+    ids=["one-layer-no-bn", "three-layers-bn"],
+)
+def test_deepfm_engine_equals_libreco_for_other_mlp_shapes(
+    tmp_path: Path, params: dict[str, Any]
+) -> None:
+    _save_deepfm(tmp_path, "deepfm", **params)
+    fast = load_engine(tmp_path, "deepfm")
+    slow = load_engine(tmp_path, "deepfm", fast_path=False)
+    assert type(fast).__name__ == "DeepFMEngine"
+    users = list(fast._user2id)
+    model = slow.libreco_model  # type: ignore[attr-defined]
+
+    def scores(user: Id, items: list[Id]) -> list[float]:
+        values: list[float] = model.predict(user=[user] * len(items), item=items).tolist()
+        return values
+
+    for user, a, b in zip(
+        users, fast.recommend(users, 10, True), slow.recommend(users, 10, True), strict=True
+    ):
+        assert_same_ranking("deepfm", a.items, b.items, partial(scores, user))
+    items = fast._id2item[:20]
+    fast_scores, _ = fast.predict(users[0], items)
+    slow_scores, _ = slow.predict(users[0], items)
+    np.testing.assert_allclose(fast_scores, slow_scores, rtol=1e-5)  # type: ignore[arg-type]
+
+
+def test_a_deepfm_with_user_features_is_served_by_libreco(tmp_path: Path) -> None:
+    _save_deepfm(tmp_path, "deepfm", user_feature=True, hidden_units=[8], use_bn=True)
+    assert type(load_engine(tmp_path, "deepfm")).__name__ == "LibrecoEngine"

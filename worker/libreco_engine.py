@@ -1,7 +1,8 @@
 """The libreco-backed engine: the model loaded by LibRecommender, its own calls answering.
 
-Serves every model class (DeepFM, and ALS when the numpy fast path is switched off); each
-batch costs as few libreco calls as its mix of options allows (one in the common case).
+Serves any model class libreco saved: the baseline the numpy engines are checked against, and
+what serves a model when the fast path is off or a DeepFM uses features the numpy engine
+does not compute. Each batch costs as few libreco calls as its mix of options allows.
 
 Importing this module quietens TensorFlow (it sets TF_CPP_MIN_LOG_LEVEL=2 unless already set,
 which only works before TensorFlow is first imported). BLAS and OpenMP thread pools are
