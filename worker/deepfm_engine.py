@@ -211,7 +211,7 @@ class DeepFMEngine(NumpyEngine):
 def load_deepfm_engine(directory: Path, manifest: Manifest, threads: int) -> DeepFMEngine | None:
     """The engine for a verified DeepFM version, or None when it uses what this one lacks."""
     threadpool_limits(limits=threads)
-    saved = read_saved_data(directory)
+    saved = read_saved_data(directory, arrays=["item_sparse_unique"])
     columns = _name_mapping_columns(directory)
     reason = None
     if saved.hyper_parameters.get("task") != "ranking":

@@ -38,20 +38,26 @@ class SavedData:
     item_ids: npt.NDArray[Any]
     user_consumed: dict[int, npt.NDArray[np.int64]]
     hyper_parameters: dict[str, Any]
-    arrays: dict[str, npt.NDArray[Any]]  # everything in the data info's .npz
+    arrays: dict[str, npt.NDArray[Any]]  # the data info's arrays that were asked for
 
 
-def read_saved_data(directory: Path) -> SavedData:
+def read_saved_data(directory: Path, arrays: Sequence[str] = ()) -> SavedData:
+    """The ids, consumed items and hyperparameters, plus these arrays of the data info.
+
+    Only what is named is read: the data info also holds every training interaction as
+    Python objects (hundreds of MB for a million of them).
+    """
+    names = ("user_unique_vals", "item_unique_vals", *arrays)
     try:
         # The id arrays are object arrays (pickled); the checksums were verified before this.
         with np.load(directory / f"{FILE_STEM}_data_info.npz", allow_pickle=True) as info:
-            arrays = {name: info[name] for name in info.files}
+            read = {name: info[name] for name in names}
         with (directory / f"{FILE_STEM}_user_consumed.pkl").open("rb") as fh:
             consumed = pickle.load(fh)
         user_consumed = {int(u): np.asarray(v, dtype=np.int64) for u, v in consumed.items()}
         hyper = json.loads((directory / f"{FILE_STEM}_hyper_parameters.json").read_text())
         return SavedData(
-            arrays["user_unique_vals"], arrays["item_unique_vals"], user_consumed, hyper, arrays
+            read["user_unique_vals"], read["item_unique_vals"], user_consumed, hyper, read
         )
     except (OSError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as exc:
         raise StoreCorrupt(directory, f"{FILE_STEM}_data_info.npz", f"cannot read: {exc}") from exc
