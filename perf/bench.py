@@ -35,7 +35,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from uro_recs.cli import apply_thread_limits
 
@@ -94,15 +94,24 @@ def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[
     return store, data
 
 
+# The lowest rate a sweep tries: at 1,000 requests a step, lower rates take minutes each.
+MIN_SWEEP_RATE: Final = 10.0
+
+
 def sweep(
     run_at: Callable[[float, float], RunResult], plan: Plan, first_rate: float
 ) -> list[dict[str, Any]]:
     """Raise the offered rate until p99 > budget or errors appear, narrow the gap between the
-    last rate within budget and the first over it by bisection; then run at half the best."""
+    last rate within budget and the first over it by bisection; then run at half the best.
+
+    When the first rate is already over budget, lower it instead (down to half of it, and not
+    under MIN_SWEEP_RATE: slower steps take minutes) to find a rate within budget to start from.
+    """
     steps: list[dict[str, Any]] = []
     rate = first_rate
     best = 0.0
     failed = 0.0
+    lowest = max(first_rate / 2, MIN_SWEEP_RATE)
 
     def run(rate: float) -> dict[str, Any]:
         # Long enough for min_samples requests: a p99 of 150 requests is its 2nd-worst one.
@@ -113,11 +122,16 @@ def sweep(
         summary = run(rate)
         steps.append(summary)
         print_step(summary)
-        if not within_budget(summary):
+        if within_budget(summary):
+            best = rate
+            if failed:
+                break  # a rate within budget below the first one over it
+            rate *= plan.growth
+        else:
             failed = rate
-            break
-        best = rate
-        rate *= plan.growth
+            rate /= plan.growth
+            if best or rate < lowest:
+                break
     for _ in range(plan.bisect_steps if best and failed else 0):
         rate = round((best + failed) / 2)
         summary = run(rate)
