@@ -470,17 +470,14 @@ def test_deepfm_engine_equals_libreco_for_other_mlp_shapes(
     fast = load_engine(tmp_path, "deepfm")
     slow = load_engine(tmp_path, "deepfm", fast_path=False)
     assert type(fast).__name__ == "DeepFMEngine"
-    users = list(fast._user2id)
+    users = [str(user) for user in fast._user2id]  # UUID strings, as trained
     model = slow.libreco_model  # type: ignore[attr-defined]
-
-    def scores(user: Id, items: list[Id]) -> list[float]:
-        values: list[float] = model.predict(user=[user] * len(items), item=items).tolist()
-        return values
+    reference = Reference(model, model.data_info, users)
 
     for user, a, b in zip(
         users, fast.recommend(users, 10, True), slow.recommend(users, 10, True), strict=True
     ):
-        assert_same_ranking("deepfm", a.items, b.items, partial(scores, user))
+        assert_same_ranking("deepfm", a.items, b.items, partial(reference.scores, user))
     items = fast._id2item[:20]
     fast_scores, _ = fast.predict(users[0], items)
     slow_scores, _ = slow.predict(users[0], items)

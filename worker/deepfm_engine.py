@@ -14,13 +14,14 @@ So at load this engine computes, per item, a constant, E_item and the item half 
 dense layer; per request, per user, only `relu(H_item + c_user)` and what follows it depends
 on both. With libreco's [64, 32] hidden units the last layer, its batch norm and w_deep fold
 into one vector, leaving an add, a relu and a matrix-vector product per user: about 13 times
-less work than libreco's graph on the demo catalogue.
+less time than libreco's graph on the 1,200-item test model (8 times on the 48k-item one).
 
 Only the DeepFM shape uro-recs trains is served here: categorical item features (one value
 each), no user features, no numeric features, task "ranking". `load_deepfm_engine` returns
 None for anything else, and the worker falls back to libreco. The tests check the answers
-equal libreco's for every user (float32 sums in another order differ from TF's by ~1e-7, far
-below the gaps between ranked items seen on real models) and predict's scores to 1e-5.
+equal libreco's for every user, except where libreco's own scores of two items are within
+1e-6 (float32 sums in another order differ from TF's by ~3e-7, and TF's own gaps between
+ranked items go down to ~1e-8), and predict's scores to 1e-5.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class DeepFMEngine(NumpyEngine):
             block = slice(start, min(start + ITEM_BLOCK, self.n_items))
             hidden = self._hidden_buffer[: block.stop - block.start]
             for row, user_terms in enumerate(terms):
-                scores[row, block] = self._score_items(user_terms, block, hidden)
+                self._score_items(user_terms, block, hidden, out=scores[row, block])
         return scores
 
     def _user_terms(self, user: int) -> _UserTerms:
@@ -177,19 +178,22 @@ class DeepFMEngine(NumpyEngine):
         )
 
     def _score_items(
-        self, user: _UserTerms, items: slice | npt.NDArray[np.int64], hidden: Float32Array
-    ) -> Float32Array:
-        """The model's output for one user and `items`; `hidden` is scratch of their size."""
+        self,
+        user: _UserTerms,
+        items: slice | npt.NDArray[np.int64],
+        hidden: Float32Array,
+        out: Float32Array,
+    ) -> None:
+        """The model's output for one user and `items`, into `out`; `hidden` is scratch."""
         np.add(self._first_item[items], user.first_layer, out=hidden)
         for layer in self._middle:
             hidden = layer(hidden)
         if self._relu_last:
             np.maximum(hidden, 0, out=hidden)
-        scores: Float32Array = self._item_fields_sum[items] @ user.fm
-        scores += self._item_constant[items]
-        scores += hidden @ self._deep_vector
-        scores += user.linear
-        return scores
+        np.matmul(self._item_fields_sum[items], user.fm, out=out)
+        out += self._item_constant[items]
+        out += hidden @ self._deep_vector
+        out += user.linear
 
     def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
         """libreco's predict: the sigmoid of the output; None for unknown items.
@@ -202,7 +206,9 @@ class DeepFMEngine(NumpyEngine):
         if positions:
             terms = self._user_terms(self.n_users if inner is None else inner)
             hidden = np.empty((len(rows), self._hidden_buffer.shape[1]), np.float32)
-            values = expit(self._score_items(terms, rows, hidden))
+            output = np.empty(len(rows), np.float32)
+            self._score_items(terms, rows, hidden, out=output)
+            values = expit(output)
             for pos, value in zip(positions, values.tolist(), strict=True):
                 scores[pos] = float(value)
         return scores, inner is None
