@@ -35,9 +35,16 @@ def apply_thread_limits(threads: int) -> None:
 
 
 def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
+    from uro_recs.run_lock import EXIT_IN_USE, RunDirInUse, lock_run_dir
+
+    # Before any socket is bound: a second broker would bind over the live one's sockets.
+    try:
+        run_lock = lock_run_dir(config.run_dir)
+    except RunDirInUse as error:
+        print(f"uro-recs: {error}", file=sys.stderr)
+        return EXIT_IN_USE
     from uro_recs.broker.broker import Broker
 
-    config.run_dir.mkdir(parents=True, exist_ok=True)
     endpoints = [config.client_endpoint]
     if config.broker.tcp_endpoint:
         endpoints.append(config.broker.tcp_endpoint)
@@ -47,6 +54,7 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
         worker_endpoint=config.worker_endpoint,
         control_endpoint=config.control_endpoint,
         known_models=known_models(config),
+        store=config.store,  # a rollout's version must be there
     )
     broker.install_signal_handlers()
     systemd = Notifier.from_environ()
@@ -59,6 +67,7 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
     finally:
         broker.close()
         systemd.close()
+        run_lock.release()
     return 0
 
 
@@ -185,13 +194,13 @@ def cmd_recommend(config: Config, args: argparse.Namespace) -> int:
 def cmd_rollout(config: Config, args: argparse.Namespace) -> int:
     from uro_recs.rollout import RolloutError, print_summary, rollout
     from uro_recs.sdk import UroRecsError
-    from uro_recs.worker.model_store import current_version
+    from uro_recs.worker.model_store import StoreError, current_version
 
     model = args.model or config.sync.model
     try:
         version = args.version or current_version(config.store, model)
         print_summary(rollout(config, model, version, timeout_s=args.timeout))
-    except (RolloutError, UroRecsError, OSError) as exc:
+    except (RolloutError, UroRecsError, StoreError, ValueError, OSError) as exc:
         print(f"rollout failed: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -201,11 +210,12 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     from uro_recs.rollout import RolloutError, previous_version, print_summary
     from uro_recs.rollout import rollout as roll
     from uro_recs.sdk import UroRecsError
+    from uro_recs.worker.model_store import StoreError
 
     try:
         version = previous_version(config, args.model)
         print_summary(roll(config, args.model, version, timeout_s=args.timeout))
-    except (RolloutError, UroRecsError, OSError) as exc:
+    except (RolloutError, UroRecsError, StoreError, ValueError, OSError) as exc:
         print(f"rollback failed: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -18,11 +18,26 @@ from typing import Any, get_type_hints
 @dataclass(frozen=True)
 class BrokerConfig:
     tcp_endpoint: str = ""  # optional loopback TCP front end, e.g. "tcp://127.0.0.1:5555"
-    heartbeat_ms: int = 500  # both ways; a peer silent for `liveness` intervals is dead
+    # Both ways; a peer silent for `liveness` intervals is dead. A worker whose process exits
+    # is noticed at once (pidfd); these find a hung one, in 750 ms: under the SDK's 1 s default
+    # timeout, so its requests are redelivered while their callers still wait.
+    heartbeat_ms: int = 250
     liveness: int = 3
     queue_limit: int = 1_000  # waiting requests per model; beyond it: "overloaded"
     default_timeout_ms: int = 5_000  # budget of a request that names none
     max_message_bytes: int = 1 << 20  # larger client messages get "too_large"
+    # A request held by a worker past its deadline is answered "deadline_exceeded" this much
+    # later (the worker's own answer, if it comes, is dropped and counted).
+    in_flight_grace_ms: int = 250
+    # What one client connection may hold in the broker at once; beyond it: "overloaded".
+    client_max_requests: int = 1_024  # accepted and not yet answered
+    client_max_bytes: int = 32 << 20  # their request bodies; also its unread large replies
+    max_pending_bytes: int = 256 << 20  # request bodies held for all clients together
+    send_hwm: int = 1_000  # messages libzmq queues per connection before a send fails
+    # A recommend for more users than this is heavy: a worker holds at most heavy_per_worker
+    # of them, so large requests never take every slot from small ones.
+    heavy_request_users: int = 32
+    heavy_per_worker: int = 1
     drain_timeout_s: float = 10.0  # on SIGTERM, time allowed to finish accepted requests
     # Who may connect to the client IPC socket (connecting needs write permission). Empty: as
     # the umask leaves it. Under systemd: "0660" and the group uro's user belongs to. The

@@ -27,6 +27,15 @@ MAX_N = 1_000
 MAX_TIMEOUT_MS = 3_600_000
 MAX_EVENTS_PER_REQUEST = 1_000
 MAX_EVENT_NAME_CHARS = 64
+# Cost bounds on any body, checked while it is decoded (docs/PROTOCOL.md, "Limits"): whatever
+# a body holds, decoding it allocates at most this many arrays and maps, none longer than the
+# element limits, and nothing is ever walked recursively.
+MAX_CONTAINERS = 2_048  # arrays and maps in one body, the body itself included
+MAX_ARRAY_ELEMENTS = 10_000  # in any array, known field or not
+MAX_MAP_ENTRIES = 256  # in any map
+MAX_NESTING = 1_024  # levels (msgpack-c's own stack depth; deeper is bad_request)
+# A recommend answers users x n items: cap the product so one reply stays ~1 MB.
+MAX_RESULT_ITEMS = 20_000
 MAX_OCCURRED_AT_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 ITEM_KINDS = ("avatar", "map", "prop")  # what uro recommends; recs_events checks it too
 DEFAULT_N = 10
@@ -171,8 +180,78 @@ def _reject_ext(code: int, data: bytes) -> NoReturn:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
+class _ContainerBudget:
+    """msgpack calls this once per array or map it completes: past the budget, decoding stops,
+    so a body of a million tiny containers costs no more than one of MAX_CONTAINERS."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def __call__(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _OverBudget
+        return value
+
+
+class _OverBudget(Exception):
+    pass
+
+
 def _unpack(body: bytes) -> Any:
+    """Decode untrusted msgpack with bounded work; any failure raises ProtocolError."""
+    budget = _ContainerBudget()
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            ext_hook=_reject_ext,
+            timestamp=0,
+            list_hook=budget,
+            object_hook=budget,
+            max_array_len=MAX_ARRAY_ELEMENTS,
+            max_map_len=MAX_MAP_ENTRIES,
+            max_ext_len=0,
+        )
+    except _OverBudget:
+        message = f"body has more than {MAX_CONTAINERS} arrays and maps"
+    except msgpack.StackError:
+        message = f"body is nested more than {MAX_NESTING} levels deep"
+    except msgpack.ExtraData:
+        message = "body is not valid msgpack: extra bytes after the map"
+    except (ValueError, TypeError) as exc:  # msgpack's own errors, and over-long containers
+        message = f"body is not valid msgpack: {str(exc) or type(exc).__name__}"
+    except Exception as exc:  # anything else msgpack raises for hostile bytes
+        message = f"body is not valid msgpack: {type(exc).__name__}"
+    raise ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def _unpack_trusted(body: bytes) -> Any:
+    """Decode msgpack from our own side (replies, READY) without the request budget."""
     return msgpack.unpackb(body, raw=False, ext_hook=_reject_ext, timestamp=0)
+
+
+def _kind(value: object) -> str:
+    """A value's msgpack type name, for messages: never repr() an untrusted value."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, bytes):
+        return "bin"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "map"
+    return type(value).__name__
 
 
 def _pack(obj: object) -> bytes:
@@ -190,15 +269,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_int64(value: object) -> bool:
+    return _is_int(value) and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
+
+
 def _entity_id(value: object, field: str, rid: RequestId) -> Id:
     if isinstance(value, str):
         if not 0 < len(value) <= MAX_ID_CHARS:
             _fail(f"{field}: ids are 1..{MAX_ID_CHARS} characters", rid)
         return value
-    if _is_int(value):
+    if _is_int64(value):
         assert isinstance(value, int)
         return value
-    _fail(f"{field}: an id is a string or an integer, got {type(value).__name__}", rid)
+    if _is_int(value):
+        _fail(f"{field}: integer ids are signed 64-bit", rid)
+    _fail(f"{field}: an id is a string or an integer, got {_kind(value)}", rid)
 
 
 def _id_list(value: object, field: str, limit: int, rid: RequestId) -> tuple[Id, ...]:
@@ -234,10 +319,18 @@ def _recommend_args(args: Mapping[str, Any], rid: RequestId) -> RecommendArgs:
     else:
         users = (_entity_id(args["user"], "user", rid),)
     exclude = _id_list(args.get("exclude", []), "exclude", MAX_ITEMS_PER_REQUEST, rid)
+    n = _count(args, rid)
+    if len(users) * n > MAX_RESULT_ITEMS:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"{len(users)} users x n {n} is over the {MAX_RESULT_ITEMS} items one reply may"
+            " hold; split the users",
+            rid,
+        )
     return RecommendArgs(
         users=users,
         many=many,
-        n=_count(args, rid),
+        n=n,
         filter_consumed=_bool(args, "filter_consumed", True, rid),
         exclude=frozenset(exclude),
     )
@@ -330,7 +423,8 @@ def _request_id(body: Mapping[Any, Any]) -> RequestId | None:
     rid = body.get("id")
     if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID_CHARS:
         return rid
-    if isinstance(rid, int) and not isinstance(rid, bool) and INT64_MIN <= rid <= INT64_MAX:
+    if _is_int64(rid):
+        assert isinstance(rid, int)
         return rid
     return None
 
@@ -342,20 +436,23 @@ def decode_request(body: bytes, max_bytes: int) -> Request:
     """Decode and validate one request body (the msgpack frame)."""
     if len(body) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"message is over the {max_bytes} byte limit")
-    try:
-        obj = _unpack(body)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack: {exc}") from None
+    obj = _unpack(body)
     if not isinstance(obj, dict):
-        _fail(f"body must be a msgpack map, got {type(obj).__name__}")
+        _fail(f"body must be a msgpack map, got {_kind(obj)}")
+    if not all(isinstance(key, str) for key in obj):
+        _fail("body: every key must be a msgpack str (not bin, not a number)")
     rid = _request_id(obj)
     if rid is None:
-        _fail(f"id: expected an integer or a string of at most {MAX_REQUEST_ID_CHARS} chars")
+        _fail(
+            "id: expected a signed 64-bit integer or a string of at most"
+            f" {MAX_REQUEST_ID_CHARS} chars"
+        )
     version = obj.get("v")
     if version != PROTOCOL_VERSION or not _is_int(version):
+        shown = version if _is_int64(version) else _kind(version)
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported; this server speaks v1",
+            f"protocol version {shown} is not supported; this server speaks v1",
             rid,
         )
     op_name = obj.get("op")
@@ -364,10 +461,14 @@ def decode_request(body: bytes, max_bytes: int) -> Request:
     try:
         op = Op(op_name)
     except ValueError:
-        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r}", rid) from None
+        shown = op_name if len(op_name) <= 64 else op_name[:64] + "..."
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {shown!r}", rid) from None
     model = obj.get("model")
-    if (op in MODEL_OPS or op in CONTROL_OPS) and not isinstance(model, str):
+    needs_model = op in MODEL_OPS or op in CONTROL_OPS
+    if needs_model and not isinstance(model, str):
         _fail("model: expected a string naming the model", rid)
+    if not needs_model:
+        model = None  # ingest, info and stats ignore it, whatever it is
     if model is not None and not isinstance(model, str):
         _fail("model: expected a string", rid)
     timeout_ms = obj.get("timeout_ms")
@@ -414,7 +515,7 @@ def encode_protocol_error(error: ProtocolError) -> bytes:
 def decode_reply(body: bytes) -> Reply:
     """Decode a reply body; a reply that breaks the contract raises ProtocolError(INTERNAL)."""
     try:
-        obj = _unpack(body)
+        obj = _unpack_trusted(body)
     except Exception as exc:
         raise ProtocolError(ErrorCode.INTERNAL, f"reply is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
@@ -441,10 +542,15 @@ def decode_reply(body: bytes) -> Reply:
 
 def client_body(frames: Sequence[bytes]) -> bytes:
     """The body of a client message (identity frame already removed)."""
-    if len(frames) != 2 or frames[0] != b"":
+    if len(frames) != 2:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
             f"expected 2 frames (empty delimiter, msgpack body), got {len(frames)}",
+        )
+    if frames[0] != b"":
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"the first frame must be the empty delimiter, got {len(frames[0])} bytes",
         )
     return frames[1]
 
@@ -462,6 +568,7 @@ HEARTBEAT = 4  # both ways; no payload
 DISCONNECT = 5  # both ways; no payload. Worker: draining. Broker: released / register again
 LOAD = 6  # broker -> worker; payload: version (UTF-8): load it, warm it up, switch to it
 UPDATE = 7  # worker -> broker; payload as READY: this connection now serves that version
+LOAD_FAILED = 8  # worker -> broker; payload: msgpack{version, error}: a LOAD it could not do
 
 _HEADER = struct.Struct(">4sBQQ")
 
@@ -490,17 +597,36 @@ class WorkerHello:
     version: str
     slots: int
     info: dict[str, Any]
+    pid: int = 0  # the worker's process id on the broker's host (0: unknown); see section 7
 
 
 def encode_ready(hello: WorkerHello, command: int = READY) -> list[bytes]:
     """READY (registering) or UPDATE (same connection, now serving another version)."""
     meta = {"model": hello.model, "version": hello.version, "slots": hello.slots}
-    return [worker_header(command), _pack({**meta, "info": hello.info})]
+    return [worker_header(command), _pack({**meta, "info": hello.info, "pid": hello.pid})]
+
+
+def encode_load_failed(version: str, error: str) -> list[bytes]:
+    return [worker_header(LOAD_FAILED), _pack({"version": version, "error": error})]
+
+
+def decode_load_failed(frame: bytes) -> tuple[str, str]:
+    try:
+        meta = _unpack(frame)
+    except ProtocolError:
+        meta = None
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("version"), str)
+        and isinstance(meta.get("error"), str)
+    ):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "LOAD_FAILED needs version and error")
+    return meta["version"], meta["error"]
 
 
 def decode_ready(frame: bytes) -> WorkerHello:
     try:
-        meta = _unpack(frame)
+        meta = _unpack_trusted(frame)
     except Exception as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"READY is not msgpack: {exc}") from None
     if not (
@@ -512,4 +638,7 @@ def decode_ready(frame: bytes) -> WorkerHello:
         and isinstance(meta.get("info"), dict)
     ):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "READY needs model, version, slots > 0, info")
-    return WorkerHello(meta["model"], meta["version"], meta["slots"], meta["info"])
+    pid = meta.get("pid", 0)
+    return WorkerHello(
+        meta["model"], meta["version"], meta["slots"], meta["info"], pid if _is_int(pid) else 0
+    )

@@ -2,8 +2,9 @@
 enabled), restarting crashed workers.
 
 In production systemd takes this role (systemd/); this is for development, the demo and the
-tests. Stop order matters: the broker drains first (its workers finish what it holds), then the
-workers are told to stop.
+tests. The workers start once the broker holds its run_dir; if another broker holds it, serve
+exits with the broker's EXIT_IN_USE and starts no worker. Stop order matters: the broker drains
+first (its workers finish what it holds), then the workers are told to stop.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 import structlog
 
 from uro_recs.config import Config
+from uro_recs.run_lock import EXIT_IN_USE, recorded_pid
 
 log = structlog.get_logger("uro_recs.supervisor")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a child that ran this long restarts from the shortest backoff again
+BROKER_LOCK_WAIT_S = 30.0  # workers start once the broker holds its run_dir, or after this
 
 
 @dataclass(slots=True)
@@ -59,19 +62,40 @@ class Supervisor:
                 for i in range(1, config.ingest.workers + 1)
             ]
         self.stopping = False
+        self.exit_code: int | None = None  # set when serve must stop with a code of its own
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
-        self.broker.start()
-        for child in self.workers:
-            child.start()
+        if self._start_broker() == EXIT_IN_USE:
+            return EXIT_IN_USE  # the broker printed whose run_dir it is; no worker started
+        if not self.stopping:
+            for child in self.workers:
+                child.start()
         while not self.stopping:
             self._watch(self.broker)
             for child in self.workers:
                 self._watch(child)
             time.sleep(0.1)
         return self._stop()
+
+    def _start_broker(self) -> int | None:
+        """Start the broker and wait until it holds the run_dir's lock (its PID is in the lock
+        file) or exits: its exit code then, else None. Workers started before that could join
+        another broker that holds the run_dir."""
+        self.broker.start()
+        assert self.broker.process is not None
+        deadline = time.monotonic() + BROKER_LOCK_WAIT_S
+        while not self.stopping and time.monotonic() < deadline:
+            code = self.broker.process.poll()
+            if code is not None:
+                return code  # _watch logs it and restarts the broker, unless it is EXIT_IN_USE
+            if recorded_pid(self.config.run_dir) == self.broker.process.pid:
+                return None
+            time.sleep(0.02)
+        if not self.stopping:
+            log.warning("broker_lock_not_seen", run_dir=str(self.config.run_dir))
+        return None
 
     def _request_stop(self) -> None:
         self.stopping = True
@@ -86,6 +110,12 @@ class Supervisor:
         if code is None:
             return
         ran_s = now - child.started_at
+        if child is self.broker and code == EXIT_IN_USE:
+            # Another broker holds the run_dir: restarting cannot help while it lives.
+            log.error("broker_run_dir_in_use", run_dir=str(self.config.run_dir))
+            self.exit_code = EXIT_IN_USE
+            self.stopping = True
+            return
         child.failures = 1 if ran_s >= HEALTHY_AFTER_S else child.failures + 1
         delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (child.failures - 1))
         log.warning(
@@ -100,6 +130,8 @@ class Supervisor:
         self._terminate(self.workers, self.config.worker.drain_timeout_s + 5)
         broker_code = self.broker.process.returncode if self.broker.process else 0
         log.info("supervisor_stopped", broker_exit=broker_code)
+        if self.exit_code is not None:
+            return self.exit_code
         return 0 if broker_code in (0, None) else 1
 
     @staticmethod

@@ -11,6 +11,7 @@ primary key is the event's identity and every insert is ON CONFLICT DO NOTHING.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -26,12 +27,13 @@ from uro_recs.config import BrokerConfig, DatabaseConfig, WorkerConfig
 from uro_recs.protocol import ErrorCode, IngestArgs, IngestEvent, Op, RequestId
 from uro_recs.sdk.db import Database, DatabaseError
 from uro_recs.sdk.ingest import EventWriter
-from uro_recs.worker.loop import Job, WorkerLoop
+from uro_recs.worker.loop import Job, WorkerLoop, one_line
 
 log = structlog.get_logger("uro_recs.worker.ingest")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
+Ingest = tuple[Job, RequestId, list[tuple[Any, ...]]]  # a job, its request id, its rows
 
 
 def event_row(event: IngestEvent) -> tuple[Any, ...]:
@@ -68,8 +70,11 @@ class IngestWorker(WorkerLoop):
     def close(self) -> None:
         if self._db is not None:
             self._call(self._db.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
         super().close()
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -77,10 +82,12 @@ class IngestWorker(WorkerLoop):
 
     def hello(self) -> protocol.WorkerHello:
         info = {"class": "EventWriter", "ops": [Op.INGEST.value]}
-        return protocol.WorkerHello(self.name, "recs_events", self.config.slots, info)
+        return protocol.WorkerHello(
+            self.name, "recs_events", self.config.slots, info, pid=os.getpid()
+        )
 
     def execute(self, jobs: list[Job]) -> None:
-        accepted: list[tuple[Job, RequestId, list[tuple[Any, ...]]]] = []
+        accepted: list[Ingest] = []
         for job in jobs:
             request = self.decode(job)
             if request is None:
@@ -90,27 +97,67 @@ class IngestWorker(WorkerLoop):
                 self.reply_error(job, request.id, ErrorCode.UNSUPPORTED, message)
                 continue
             accepted.append((job, request.id, [event_row(e) for e in request.args.events]))
-        if accepted:  # one hand-over to the asyncio thread per batch, not per request
-            asyncio.run_coroutine_threadsafe(self._store_all(accepted), self._loop)
+        if not accepted:
+            return
+        # One hand-over to the asyncio thread per batch, not per request. If it cannot be
+        # handed over, the batch is answered here: no job may wait for an answer never sent.
+        coroutine = self._store_all(accepted)
+        try:
+            if not self._thread.is_alive():
+                raise RuntimeError("the database thread is not running")
+            asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except Exception as exc:
+            coroutine.close()
+            log.exception("ingest_not_scheduled", requests=len(accepted))
+            for job, request_id, _ in accepted:
+                self.reply_error(job, request_id, ErrorCode.INTERNAL, f"ingest failed: {exc}")
 
-    async def _store_all(self, work: list[tuple[Job, RequestId, list[tuple[Any, ...]]]]) -> None:
-        await asyncio.gather(*(self._store(*item) for item in work))
+    async def _store_all(self, work: list[Ingest]) -> None:
+        """Answer each job exactly once: when its write ends, or with an INTERNAL error if it
+        ends in a way `_store` did not foresee (an exception it let through, cancellation)."""
+        unanswered = set(range(len(work)))
+        failures: dict[int, BaseException] = {}
 
-    async def _store(self, job: Job, request_id: RequestId, rows: list[tuple[Any, ...]]) -> None:
-        assert self._writer is not None
+        async def store(index: int) -> None:
+            job, request_id, rows = work[index]
+            body = await self._store(job, request_id, rows)
+            unanswered.discard(index)
+            self._answer(job, body)
+
+        try:
+            outcomes = await asyncio.gather(
+                *(store(i) for i in range(len(work))), return_exceptions=True
+            )
+            failures = {i: o for i, o in enumerate(outcomes) if isinstance(o, BaseException)}
+        finally:
+            for index in sorted(unanswered):
+                job, request_id, rows = work[index]
+                failure = failures.get(index)
+                reason = one_line(failure) if failure is not None else "cancelled"
+                log.error("ingest_failed_unexpectedly", events=len(rows), reason=reason)
+                message = f"ingest failed: {reason}"
+                self._answer(job, protocol.encode_error(request_id, ErrorCode.INTERNAL, message))
+
+    async def _store(self, job: Job, request_id: RequestId, rows: list[tuple[Any, ...]]) -> bytes:
+        """The reply body: committed, deadline passed, or why the write failed."""
         try:
             if time.monotonic() >= job.deadline:
-                body = protocol.encode_error(
+                return protocol.encode_error(
                     request_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before it ran"
                 )
-            else:
-                await self._writer.submit(rows)
-                body = protocol.encode_ok(request_id, {"accepted": len(rows)})
+            if self._writer is None:
+                raise RuntimeError("not connected to the database")
+            await self._writer.submit(rows)
+            return protocol.encode_ok(request_id, {"accepted": len(rows)})
         except DatabaseError as exc:
-            body = protocol.encode_error(request_id, ErrorCode.UNAVAILABLE, str(exc))
+            return protocol.encode_error(request_id, ErrorCode.UNAVAILABLE, str(exc))
         except Exception as exc:
             log.exception("ingest_failed", events=len(rows))
-            body = protocol.encode_error(request_id, ErrorCode.INTERNAL, f"ingest failed: {exc}")
+            message = f"ingest failed: {exc}"
+            return protocol.encode_error(request_id, ErrorCode.INTERNAL, message)
+
+    def _answer(self, job: Job, body: bytes) -> None:
+        """From the asyncio thread: the loop sends it (zmq sockets are not thread-safe)."""
         self._answers.append((job, body))
         if not self._wake_pending:  # answers of one commit arrive together: wake once for all
             self._wake_pending = True

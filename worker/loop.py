@@ -5,6 +5,11 @@ stuck loop stops the heartbeats, and the broker then redelivers what it held), r
 when the broker goes silent, and on SIGTERM tells the broker it is draining, answers what it
 holds and exits when the broker has let it go. Subclasses say what they serve (`hello`) and
 how they answer (`execute`): `WorkerService` a model, `IngestWorker` the event log.
+
+Every REQUEST is answered, a malformed one too (its seq is in the header). Work that takes
+longer than one turn of the loop is cut into bounded steps (`has_pending_work` / `step`):
+between two steps the loop reads new messages and heartbeats, so a busy worker never looks
+dead and a small request does not wait behind a large one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from uro_recs.protocol import ErrorCode, ProtocolError, RequestId
 from uro_recs.wakeup import Wakeup
 
 log = structlog.get_logger("uro_recs.worker")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as the broker and operators see it: type and message, no traceback."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 @dataclass(slots=True)
@@ -53,7 +64,10 @@ class WorkerLoop:
         self.drain_deadline = 0.0
         self.running = False
         self.served = 0
-        self._on_drain: Callable[[], None] | None = None
+        self.malformed = 0  # broker messages that could not be understood
+        self._drain_announced = False  # the broker was told (DISCONNECT)
+        self._released = False  # draining, and the broker has let us go
+        self._stopping = False  # stop() was called
         self._sock: zmq.Socket[bytes] | None = None
         self._next_heartbeat = 0.0
         self._wakeup = Wakeup()
@@ -70,10 +84,24 @@ class WorkerLoop:
 
     def on_load(self, version: str) -> None:
         """The broker asked for another version (a rollout); by default there is none."""
-        log.warning("load_ignored", worker=self.name, version=version)
+        log.warning("load_refused", worker=self.name, version=version)
+        self.load_failed(version, "this worker cannot load versions")
 
     def after_wake(self) -> None:
         """Called on every turn of the loop, after `wake()` from another thread too."""
+
+    def has_pending_work(self) -> bool:
+        """Whether `step` has work left: the loop then polls without waiting."""
+        return False
+
+    def step(self) -> None:
+        """Run one bounded piece of the pending work (called once per turn while there is some).
+
+        Between two steps the loop reads new messages and heartbeats."""
+
+    def stop_pending_work(self, reason: str | None) -> None:
+        """Give up the pending work: answer each request with `unavailable` and `reason`, or,
+        with None, forget it (the broker that sent it is gone and has redelivered it)."""
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -84,14 +112,19 @@ class WorkerLoop:
         """From any thread: make the loop turn now (it then calls `after_wake`)."""
         self._wakeup.wake()
 
+    def stop(self) -> None:
+        """From any thread: leave the loop at its next turn, without draining or answering
+        what it holds (for an embedding program or a test; SIGTERM drains)."""
+        self._stopping = True
+        self.wake()
+
     def begin_drain(self) -> None:
+        """From a signal handler or any thread: take nothing new, answer what is held, exit.
+        The loop tells the broker (DISCONNECT) on its next turn, from its own thread."""
         if not self.draining:
-            self.draining = True
             self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
-            self._send(protocol.DISCONNECT)
-            log.info("worker_draining", worker=self.name)
-            if self._on_drain is not None:
-                self._on_drain()
+            self.draining = True
+            self.wake()
 
     def _connect(self) -> zmq.Socket[bytes]:
         if self._sock is not None:
@@ -113,6 +146,11 @@ class WorkerLoop:
         if self._sock is not None:
             self._sock.send_multipart([protocol.worker_header(command, seq), *payload])
 
+    def load_failed(self, version: str, error: str) -> None:
+        """LOAD_FAILED: the rollout to `version` cannot happen here, and why (one line)."""
+        if self._sock is not None:
+            self._sock.send_multipart(protocol.encode_load_failed(version, error))
+
     def run(
         self,
         on_ready: Callable[[], None] | None = None,
@@ -121,7 +159,6 @@ class WorkerLoop:
     ) -> None:
         """Serve until drained. `on_ready` is called once READY is sent to the broker, `on_tick`
         once per loop iteration (at least every heartbeat), `on_drain` when a drain begins."""
-        self._on_drain = on_drain
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -139,31 +176,49 @@ class WorkerLoop:
             on_ready()
         broker_expires = time.monotonic() + self.liveness_s
         self._next_heartbeat = time.monotonic() + self.heartbeat_s
-        while self.running:
-            timeout_ms = max(0, int((self._next_heartbeat - time.monotonic()) * 1000) + 1)
+        while self.running and not self._stopping:
+            if self.has_pending_work():
+                timeout_ms = 0  # only look for new messages: the pending work goes on
+            else:
+                timeout_ms = max(0, int((self._next_heartbeat - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
             if on_tick is not None:
                 on_tick()
             if self._wakeup.fileno() in events:
                 self._wakeup.drain()
+            if self.draining and not self._drain_announced:
+                self._drain_announced = True
+                self._send(protocol.DISCONNECT)
+                log.info("worker_draining", worker=self.name)
+                if on_drain is not None:
+                    on_drain()
             if sock in events:
                 jobs = self._receive(sock)
                 broker_expires = time.monotonic() + self.liveness_s
                 if jobs:
                     self.execute(jobs)
             self.after_wake()
+            if self.has_pending_work():
+                self.step()
             self.heartbeat_if_due()
             now = time.monotonic()
-            if self.draining and (now >= self.drain_deadline or now >= broker_expires):
-                log.info("worker_drained_without_broker", worker=self.name)
-                self.running = False
+            if self.draining:
+                if self._released and not self.has_pending_work():
+                    self.running = False
+                elif now >= self.drain_deadline or now >= broker_expires:
+                    if self.has_pending_work():
+                        self.stop_pending_work("the worker stopped before it could finish")
+                    log.info("worker_drained_without_broker", worker=self.name)
+                    self.running = False
             elif now >= broker_expires:
                 log.warning("broker_lost", worker=self.name, endpoint=self.endpoint)
+                if self.has_pending_work():
+                    self.stop_pending_work(None)  # its seqs mean nothing to the next broker
                 poller.unregister(sock)
                 sock = self._connect()
                 poller.register(sock, zmq.POLLIN)
                 broker_expires = now + self.liveness_s
-        log.info("worker_stopped", worker=self.name, served=self.served)
+        log.info("worker_stopped", worker=self.name, served=self.served, malformed=self.malformed)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -196,22 +251,40 @@ class WorkerLoop:
     def _on_message(self, frames: list[bytes]) -> Job | None:
         try:
             header = protocol.parse_worker_header(frames[0])
-        except ProtocolError:
-            log.warning("broker_message_malformed", frames=len(frames))
+        except ProtocolError:  # no seq to answer: all we can do is say so
+            self.malformed += 1
+            log.warning("broker_message_malformed", worker=self.name, frames=len(frames))
             return None
         command = header.command
-        if command == protocol.REQUEST and len(frames) == 2:
+        if command == protocol.REQUEST:
+            if len(frames) != 2:
+                self.malformed += 1
+                log.warning("broker_request_malformed", worker=self.name, frames=len(frames))
+                message = f"worker got a REQUEST of {len(frames)} frames, expected 2 (header, body)"
+                self._send(
+                    protocol.REPLY,
+                    protocol.encode_error(None, ErrorCode.INTERNAL, message),
+                    seq=header.seq,
+                )
+                return None
             deadline = header.deadline_us / 1_000_000  # the host's CLOCK_MONOTONIC
             return Job(seq=header.seq, deadline=deadline, body=frames[1])
-        if command == protocol.LOAD and len(frames) == 2:
+        if command == protocol.LOAD:
+            if len(frames) != 2:
+                self.malformed += 1
+                log.warning("broker_load_malformed", worker=self.name, frames=len(frames))
+                return None
             self.on_load(frames[1].decode(errors="replace"))
             return None
         if command == protocol.DISCONNECT:
-            if self.draining:
-                self.running = False  # the broker has let us go
+            if self._drain_announced:
+                self._released = True  # the broker has let us go
             else:
                 log.info("worker_reregistering", worker=self.name)
                 self.register()
+        elif command != protocol.HEARTBEAT:
+            self.malformed += 1
+            log.warning("broker_command_unknown", worker=self.name, command=command)
         return None
 
     def heartbeat_if_due(self) -> None:

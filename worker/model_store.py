@@ -29,7 +29,9 @@ FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 POPULAR_ITEMS_MAX = 1000
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Model and version names: one path component, never "..", "/", empty or hidden. \Z, not $:
+# no trailing newline slips through.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _CHUNK = 1 << 20
 _RESERVED_FIELDS = frozenset({"format", "model", "version", "created_at", "files"})
 
@@ -112,7 +114,7 @@ def new_version_name(now: datetime | None = None) -> str:
 def version_dir(store: Path, model_name: str, version: str) -> Path:
     """The directory of one version, after checking both names are plain path components."""
     _check_name(model_name, "model name")
-    _check_name(version, "version")
+    _check_name(version, "version name")
     return store / model_name / version
 
 
@@ -130,7 +132,7 @@ def save_version(
     popular_items; format, model, version, created_at and files are filled in here.
     """
     _check_name(model_name, "model name")
-    _check_name(version, "version")
+    _check_name(version, "version name")
     reserved = _RESERVED_FIELDS.intersection(manifest_fields)
     if reserved:
         raise ValueError(f"manifest_fields may not set {sorted(reserved)}")
@@ -172,7 +174,7 @@ def save_version(
 def set_current(store: Path, model_name: str, version: str) -> None:
     """Point `<store>/<model>/CURRENT` at an existing version, atomically."""
     _check_name(model_name, "model name")
-    _check_name(version, "version")
+    _check_name(version, "version name")
     model_dir = store / model_name
     if not (model_dir / version).is_dir():
         raise VersionNotFound(f"{model_name}/{version} does not exist")
@@ -305,9 +307,17 @@ def _manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode()
 
 
+def check_version_name(version: str) -> None:
+    """Raise ValueError, with a one-line message, unless `version` is a valid version name."""
+    _check_name(version, "version name")
+
+
 def _check_name(name: str, what: str) -> None:
-    if not _NAME_PATTERN.fullmatch(name) or name == CURRENT_NAME:
-        raise ValueError(f"invalid {what} {name!r}: use letters, digits, '.', '_', '-'")
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name) or name == CURRENT_NAME:
+        raise ValueError(
+            f"invalid {what} {name!r}: 1 to 128 letters, digits, '.', '_' or '-', starting"
+            " with a letter or digit"
+        )
 
 
 def _check_relative_path(name: str) -> None:

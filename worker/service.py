@@ -1,15 +1,21 @@
 """The model worker: one loaded, warmed model version answering the broker's requests.
 
-The broker link and lifecycle are `WorkerLoop`'s (worker/loop.py). This adds the model: all
-recommend requests received together share model calls, and a rollout loads the next version
-in a background thread beside the one serving, then switches between two batches.
+The broker link and lifecycle are `WorkerLoop`'s (worker/loop.py). This adds the model:
+recommend requests waiting together share model calls of at most `engine.users_per_call`
+users, lightest first; a request larger than that (a heavy one) is answered over several
+turns of the loop, one call of it per turn, so requests that arrive meanwhile are answered
+between its calls and the loop keeps heartbeating. A rollout loads the next version in a
+background thread beside the one serving, then switches when no request is half done; a load
+that fails is reported to the broker (LOAD_FAILED).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -29,14 +35,31 @@ from uro_recs.worker.engine import (
     Engine,
     EngineError,
     Id,
+    Recommendation,
     RecommendQuery,
     UnknownItem,
     Unsupported,
 )
-from uro_recs.worker.loop import Job, WorkerLoop
+from uro_recs.worker.loop import Job, WorkerLoop, one_line
 from uro_recs.worker.recent_events import RecentEvents, exported_at
 
 log = structlog.get_logger("uro_recs.worker")
+
+FIRST_CALL_USERS = 64  # users in a model call before the speed per user is measured
+
+
+@dataclass(slots=True, eq=False)
+class PendingRecommend:
+    """A recommend request not yet answered: its users are scored in one or more calls."""
+
+    job: Job
+    request: Request
+    args: RecommendArgs
+    done: list[Recommendation] = field(default_factory=list)  # the first users' answers
+
+    @property
+    def left(self) -> int:
+        return len(self.args.users) - len(self.done)
 
 
 class WorkerService(WorkerLoop):
@@ -56,8 +79,13 @@ class WorkerService(WorkerLoop):
         self.engine = engine
         self.loader = loader
         self.recent = recent
+        self._pending: list[PendingRecommend] = []  # in arrival order
         self._loading: str | None = None  # the version a background thread is loading
-        self._loaded: Engine | None = None  # loaded and warm, waiting for the swap
+        # Written once by the load thread, then read and cleared by the loop: the new version,
+        # loaded and warm, waiting for the swap; or why it could not be loaded.
+        self._loaded: Engine | None = None
+        self._load_error: str | None = None
+        self._seconds_per_user = 0.0  # measured per model call; sizes the next calls
 
     def hello(self) -> protocol.WorkerHello:
         return protocol.WorkerHello(
@@ -65,39 +93,56 @@ class WorkerService(WorkerLoop):
             version=self.engine.version,
             slots=self.config.slots,
             info=self.engine.info(),
+            pid=os.getpid(),
         )
 
     def after_wake(self) -> None:
-        if self._loaded is not None:
+        if self._load_error is not None:
+            self._report_load_failure()
+        # A request half answered by the current version finishes on it.
+        if self._loaded is not None and not any(p.done for p in self._pending):
             self._swap()
 
     # --- rollout: load the next version beside the current one, then switch -------------------
 
     def on_load(self, version: str) -> None:
-        if self.loader is None or version in (self.engine.version, self._loading):
+        if version in (self.engine.version, self._loading):
+            return  # served already, or on its way
+        if self.loader is None:
+            log.warning("version_load_refused", model=self.engine.name, version=version)
+            self.load_failed(version, "this worker has no model store to load versions from")
             return
         if self._loading is not None:
             log.warning("rollout_busy", model=self.engine.name, loading=self._loading)
+            self.load_failed(version, f"this worker is still loading version {self._loading!r}")
             return
         self._loading = version
         log.info("version_loading", model=self.engine.name, version=version)
         threading.Thread(target=self._load, args=(version,), daemon=True).start()
 
     def _load(self, version: str) -> None:
-        """In a background thread, while the loop keeps serving the current version."""
+        """In a background thread, while the loop keeps serving the current version. It never
+        touches the socket: the loop switches, or reports the failure, when woken."""
         assert self.loader is not None
         try:
             self._loaded = self.loader(version)
-        except Exception:
+        except BaseException as error:  # even SystemExit: the broker must hear of it
             log.exception("version_load_failed", model=self.engine.name, version=version)
-            self._loading = None
+            self._load_error = one_line(error)
         self.wake()  # the loop switches now, not at its next poll
 
+    def _report_load_failure(self) -> None:
+        assert self._load_error is not None and self._loading is not None
+        version, error = self._loading, self._load_error
+        self._loading = self._load_error = None
+        self.load_failed(version, error)
+
     def _swap(self) -> None:
-        """Between batches: nothing is running, so every later request sees the new version."""
+        """No request is half answered: every model call from now on uses the new version."""
         assert self._loaded is not None
         previous, self.engine, self._loaded = self.engine, self._loaded, None
         self._loading = None
+        self._seconds_per_user = 0.0  # another model, another speed
         if self.recent is not None:
             self.recent.reset(exported_at(self.engine.manifest))
         self.register(protocol.UPDATE)
@@ -111,9 +156,9 @@ class WorkerService(WorkerLoop):
     # --- execution --------------------------------------------------------------------------
 
     def execute(self, jobs: list[Job]) -> None:
-        """Answer every job exactly once; all recommend requests share one model call."""
+        """Answer predict and similar_items now; queue recommend requests for `step`, which
+        runs in this same turn of the loop."""
         now = time.monotonic()
-        batch: list[tuple[Job, Request, RecommendArgs]] = []
         for job in jobs:
             request = self.decode(job)
             if request is None:
@@ -128,52 +173,112 @@ class WorkerService(WorkerLoop):
                 continue
             args = request.args
             if isinstance(args, RecommendArgs) and args.n <= self.engine.n_items:
-                batch.append((job, request, args))
+                self._pending.append(PendingRecommend(job, request, args))
             else:
                 self._run_one(job, request)
-        if batch:
-            self._run_recommend_batches(batch)
 
-    def _run_recommend_batches(self, batch: list[tuple[Job, Request, RecommendArgs]]) -> None:
-        """In model calls of at most `engine.users_per_call` users (one request at least), with
-        a heartbeat between calls when one is due: a large batch of a slow model must not look
-        like a hung worker, and early answers leave before the last call finishes."""
-        chunk: list[tuple[Job, Request, RecommendArgs]] = []
-        users = 0
-        for item in batch:
-            if chunk and users + len(item[2].users) > self.engine.users_per_call:
-                self._run_recommend_batch(chunk)
-                self.heartbeat_if_due()
-                chunk, users = [], 0
-            chunk.append(item)
-            users += len(item[2].users)
-        if chunk:
-            self._run_recommend_batch(chunk)
+    # --- recommend: model calls of at most users_per_call users, one turn at a time ---------
 
-    def _run_recommend_batch(self, batch: list[tuple[Job, Request, RecommendArgs]]) -> None:
+    def has_pending_work(self) -> bool:
+        return bool(self._pending)
+
+    def step(self) -> None:
+        """One turn's recommend work, at most two model calls: first the waiting requests that
+        fit whole into one call, lightest first; then one call's worth of the next request:
+        the heavy one in progress, continued where it stopped, or else the lightest left."""
+        self._expire()
+        light = self._fitting(sorted(self._pending, key=lambda p: p.left))
+        if light:
+            self._run_chunk([(p, p.left) for p in light])
+            self.heartbeat_if_due()
+            self._expire()
+        if self._pending:
+            started = [p for p in self._pending if p.done]
+            heavy = started[0] if started else min(self._pending, key=lambda p: p.left)
+            self._run_chunk([(heavy, min(heavy.left, self._call_users()))])
+
+    def stop_pending_work(self, reason: str | None) -> None:
+        pending, self._pending = self._pending, []
+        log.warning("recommend_abandoned", model=self.engine.name, requests=len(pending))
+        if reason is None:
+            return
+        for p in pending:
+            message = f"{reason} ({len(p.done)} of {len(p.args.users)} users done)"
+            self.reply_error(p.job, p.request.id, ErrorCode.UNAVAILABLE, message)
+
+    def _fitting(self, candidates: list[PendingRecommend]) -> list[PendingRecommend]:
+        """The first candidates whose users fit whole into one model call."""
+        chosen: list[PendingRecommend] = []
+        room = self._call_users()
+        for p in candidates:
+            if p.left > room:
+                break
+            chosen.append(p)
+            room -= p.left
+        return chosen
+
+    def _call_users(self) -> int:
+        """Users in one model call: the engine's memory cap, and no more than take half a
+        heartbeat interval at the speed measured so far, so busy never looks dead."""
+        if self._seconds_per_user <= 0:  # not measured yet: a small first call measures it
+            return min(self.engine.users_per_call, FIRST_CALL_USERS)
+        by_time = int(self.heartbeat_s / 2 / self._seconds_per_user)
+        return max(1, min(self.engine.users_per_call, by_time))
+
+    def _expire(self) -> None:
+        """Answer the requests whose deadline passed; their remaining users are not scored."""
+        now = time.monotonic()
+        expired = [p for p in self._pending if now >= p.job.deadline]
+        if not expired:
+            return
+        self._pending = [p for p in self._pending if now < p.job.deadline]
+        for p in expired:
+            if p.done:
+                message = f"deadline passed after {len(p.done)} of {len(p.args.users)} users"
+            else:
+                message = "deadline passed before it ran"
+            self.reply_error(p.job, p.request.id, ErrorCode.DEADLINE_EXCEEDED, message)
+
+    def _run_chunk(self, chunk: list[tuple[PendingRecommend, int]]) -> None:
+        """One model call: the next `count` users of each request; the finished are answered."""
         queries = [
-            RecommendQuery(user, args.n, args.filter_consumed, self._excluded(user, args))
-            for _, _, args in batch
-            for user in args.users
+            RecommendQuery(user, p.args.n, p.args.filter_consumed, self._excluded(user, p.args))
+            for p, count in chunk
+            for user in p.args.users[len(p.done) : len(p.done) + count]
         ]
+        started = time.perf_counter()
         try:
             recommendations = self.engine.recommend_batch(queries)
         except Exception as exc:
             log.exception("recommend_failed", model=self.engine.name, users=len(queries))
-            for job, request, _ in batch:
-                self.reply_error(job, request.id, ErrorCode.INTERNAL, f"recommend failed: {exc}")
+            failed = {id(p) for p, _ in chunk}
+            self._pending = [p for p in self._pending if id(p) not in failed]
+            for p, _ in chunk:
+                self.reply_error(
+                    p.job, p.request.id, ErrorCode.INTERNAL, f"recommend failed: {exc}"
+                )
             return
+        per_user = (time.perf_counter() - started) / max(1, len(queries))
+        # A moving average: one slow call (a page fault, a noisy neighbour) only nudges it.
+        self._seconds_per_user = (
+            per_user
+            if self._seconds_per_user <= 0
+            else 0.8 * self._seconds_per_user + 0.2 * per_user
+        )
         offset = 0
-        for job, request, args in batch:
+        for p, count in chunk:
+            p.done.extend(recommendations[offset : offset + count])
+            offset += count
+        finished = [p for p, _ in chunk if not p.left]
+        if finished:
+            self._pending = [p for p in self._pending if p.left]
+        for p in finished:
             answers = [
                 {"user": user, "items": rec.items, "cold_start": rec.cold_start}
-                for user, rec in zip(
-                    args.users, recommendations[offset : offset + len(args.users)], strict=True
-                )
+                for user, rec in zip(p.args.users, p.done, strict=True)
             ]
-            offset += len(args.users)
-            result = {"results": answers} if args.many else answers[0]
-            self.reply(job, protocol.encode_ok(request.id, result))
+            result = {"results": answers} if p.args.many else answers[0]
+            self.reply(p.job, protocol.encode_ok(p.request.id, result))
 
     def _excluded(self, user: Id, args: RecommendArgs) -> frozenset[Id]:
         """The request's exclusions, plus what the user consumed since the model's export."""
