@@ -26,7 +26,6 @@ import structlog
 import zmq
 
 from uro_recs.broker.core import (
-    Action,
     BrokerCore,
     ClientKey,
     LogEvent,
@@ -94,6 +93,13 @@ class Broker:
         self._tracked: list[tuple[zmq.MessageTracker, ClientKey, int]] = []
         self._drain_requested = False
         self._on_drain: Callable[[], None] | None = None
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            ToClient: self._send_client,
+            ToWorker: self._send_worker,
+            WatchProcess: lambda a: self._watch(a.identity, a.pid),
+            UnwatchProcess: lambda a: self._unwatch(a.identity),
+            LogEvent: self._log,
+        }
 
     def _bind(self, kind: int, endpoint: str, max_bytes: int = -1) -> zmq.Socket[bytes]:
         sock = self.context.socket(kind)
@@ -214,24 +220,18 @@ class Broker:
         actions = self.core.take_actions()
         while actions:
             for action in actions:
-                self._do(action)
+                self._handlers[type(action)](action)
             actions = self.core.take_actions()  # a failed send may have produced more
 
-    def _do(self, action: Action) -> None:
-        if isinstance(action, ToClient):
-            self._send_client(action)
-        elif isinstance(action, ToWorker):
-            try:
-                _send_frames(self.backend, action.identity, *action.frames, flags=_NOBLOCK)
-            except zmq.ZMQError:
-                # Gone (EHOSTUNREACH) or not reading (EAGAIN): either way it will not answer.
-                self.core.worker_gone(action.identity, "unreachable", time.monotonic())
-        elif isinstance(action, WatchProcess):
-            self._watch(action.identity, action.pid)
-        elif isinstance(action, UnwatchProcess):
-            self._unwatch(action.identity)
-        elif isinstance(action, LogEvent):
-            (log.warning if action.warning else log.info)(action.event, **action.fields)
+    def _send_worker(self, action: ToWorker) -> None:
+        try:
+            _send_frames(self.backend, action.identity, *action.frames, flags=_NOBLOCK)
+        except zmq.ZMQError:
+            # Gone (EHOSTUNREACH) or not reading (EAGAIN): either way it will not answer.
+            self.core.worker_gone(action.identity, "unreachable", time.monotonic())
+
+    def _log(self, action: LogEvent) -> None:
+        (log.warning if action.warning else log.info)(action.event, **action.fields)
 
     def _send_client(self, action: ToClient) -> None:
         sock = self.frontends[action.frontend]

@@ -97,6 +97,7 @@ class Pending:
     model: str
     body: bytes
     cost: int  # users in a recommend, else 1
+    heavy: bool  # cost over heavy_request_users
     deadline: float
     expires_at: float  # deadline while queued; deadline + grace while in flight
     dispatches: int = 0
@@ -185,7 +186,9 @@ class BrokerCore:
     # --- the shell's side ---------------------------------------------------------------------
 
     def take_actions(self) -> list[Action]:
-        actions, self._actions = self._actions, []
+        actions = self._actions
+        if actions:
+            self._actions = []
         return actions
 
     def next_wakeup(self) -> float:
@@ -284,12 +287,19 @@ class BrokerCore:
         deadline = now + timeout_ms / 1000
         args = request.args
         cost = len(args.users) if isinstance(args, RecommendArgs) else 1
-        pending = Pending(key, request.id, model.name, body, cost, deadline, deadline)
+        heavy = cost > self.config.heavy_request_users
+        pending = Pending(key, request.id, model.name, body, cost, heavy, deadline, deadline)
         self.clients[key] = usage
         usage.requests += 1
         usage.bytes += len(body)
         self.pending_bytes += len(body)
         self.live += 1
+        if not model.queued:  # nobody waits: straight to the least loaded worker, if any
+            idle, heavy_idle = self._least_loaded(model)
+            worker = heavy_idle if heavy else idle
+            if worker is not None:
+                self._dispatch(pending, worker, now)
+                return
         self._enqueue(model, pending)
         self._pump(model, now)
 
@@ -352,21 +362,17 @@ class BrokerCore:
         pending.expires_at = pending.deadline
         self._schedule(pending)
 
-    def _is_heavy(self, pending: Pending) -> bool:
-        return pending.cost > self.config.heavy_request_users
-
     def _pump(self, model: ModelState, now: float) -> None:
         """Hand queued requests to workers with free slots: least loaded worker first,
         redeliveries first, then the clients' queues in deficit round robin."""
         while model.queued:
-            worker = self._least_loaded(model, heavy=False)
+            worker, heavy_worker = self._least_loaded(model)
             if worker is None:
                 break
-            heavy_worker = self._least_loaded(model, heavy=True)
             pending = self._next_queued(model, heavy_ok=heavy_worker is not None)
             if pending is None:
                 break
-            if self._is_heavy(pending):
+            if pending.heavy:
                 assert heavy_worker is not None
                 worker = heavy_worker
             self._dispatch(pending, worker, now)
@@ -374,28 +380,48 @@ class BrokerCore:
             model.overloaded = False
             self._log("model_recovered", model=model.name)
 
-    def _least_loaded(self, model: ModelState, heavy: bool) -> WorkerRecord | None:
+    def _least_loaded(self, model: ModelState) -> tuple[WorkerRecord | None, WorkerRecord | None]:
+        """The worker with the lowest in-flight/slots ratio and a free slot, and the same
+        among those that may take one more heavy request."""
         best: WorkerRecord | None = None
+        best_heavy: WorkerRecord | None = None
+        heavy_limit = self.config.heavy_per_worker
         for worker in model.workers.values():
-            if worker.free <= 0 or (heavy and worker.heavy >= self.config.heavy_per_worker):
+            if worker.free <= 0:
                 continue
-            if best is None or len(worker.in_flight) * best.slots < len(best.in_flight) * (
-                worker.slots
-            ):
+            load = len(worker.in_flight) / worker.slots
+            if best is None or load < len(best.in_flight) / best.slots:
                 best = worker
-        return best
+            if worker.heavy < heavy_limit and (
+                best_heavy is None or load < len(best_heavy.in_flight) / best_heavy.slots
+            ):
+                best_heavy = worker
+        return best, best_heavy
 
     def _next_queued(self, model: ModelState, heavy_ok: bool) -> Pending | None:
         for index, pending in enumerate(model.redeliveries):
-            if heavy_ok or not self._is_heavy(pending):
+            if heavy_ok or not pending.heavy:
                 del model.redeliveries[index]
                 model.queued -= 1
                 return pending
 
+        if len(model.turns) == 1:  # one client waiting: no turns to take
+            key = model.turns[0]
+            queue = model.queues[key]
+            if not heavy_ok and queue[0].heavy:
+                return None
+            model.queued -= 1
+            head = queue.popleft()
+            if not queue:
+                del model.queues[key]
+                model.deficits.pop(key, None)
+                model.turns.popleft()
+            return head
+
         # Deficit round robin: each turn credits a client DRR_QUANTUM; it sends while its
         # head request's cost fits. A head too heavy for any worker now waits its turn.
         def eligible(key: ClientKey) -> bool:
-            return heavy_ok or not self._is_heavy(model.queues[key][0])
+            return heavy_ok or not model.queues[key][0].heavy
 
         if not any(eligible(key) for key in model.turns):
             return None
@@ -445,7 +471,7 @@ class BrokerCore:
         pending.expires_at = pending.deadline + self._grace_s
         self._schedule(pending)
         worker.in_flight[seq] = pending
-        if self._is_heavy(pending):
+        if pending.heavy:
             worker.heavy += 1
         # Workers share this host's CLOCK_MONOTONIC, so the deadline travels as an instant.
         header = protocol.worker_header(protocol.REQUEST, seq, int(pending.deadline * 1_000_000))
@@ -654,7 +680,7 @@ class BrokerCore:
 
     def _release(self, worker: WorkerRecord, pending: Pending) -> None:
         del worker.in_flight[pending.seq]
-        if self._is_heavy(pending):
+        if pending.heavy:
             worker.heavy -= 1
 
     def _forget_if_drained(self, worker: WorkerRecord, now: float) -> None:

@@ -56,10 +56,10 @@ class PendingRecommend:
     request: Request
     args: RecommendArgs
     done: list[Recommendation] = field(default_factory=list)  # the first users' answers
+    left: int = -1  # users not yet scored
 
-    @property
-    def left(self) -> int:
-        return len(self.args.users) - len(self.done)
+    def __post_init__(self) -> None:
+        self.left = len(self.args.users)
 
 
 class WorkerService(WorkerLoop):
@@ -268,6 +268,7 @@ class WorkerService(WorkerLoop):
         offset = 0
         for p, count in chunk:
             p.done.extend(recommendations[offset : offset + count])
+            p.left -= count
             offset += count
         finished = [p for p, _ in chunk if not p.left]
         if finished:
