@@ -214,8 +214,8 @@ class ZmtpDealer:
         peer = self._read(64)
         assert peer[0] == 0xFF and peer[9] == 0x7F and peer[10] == 3
         self.sock.sendall(self.READY)
-        flags, body = self._frame()
-        assert flags & 0x04 and body[1:6] == b"READY" and b"ROUTER" in body
+        self.peer_greeting = peer
+        self.peer_ready = self._frame()
 
     def _read(self, size: int) -> bytes:
         data = b""
@@ -244,6 +244,35 @@ class ZmtpDealer:
                 break
         assert frames[0] == b"" and len(frames) == 2
         return frames[1]
+
+
+def test_the_zmtp_bytes_protocol_md_gives_are_what_the_broker_sends(trained_store: Path) -> None:
+    with Cluster(trained_store, {}).start() as cluster:
+        client = ZmtpDealer(str(cluster.run_dir / "client.sock"))
+        assert client.peer_greeting[10:12] == b"\x03\x01"  # ZMTP 3.1
+        assert client.peer_greeting[12:32] == b"NULL".ljust(20, b"\x00")
+        ready = bytes.fromhex(
+            "04 29 05 52 45 41 44 59 0b 53 6f 63 6b 65 74 2d 54 79 70 65 00 00 00 06"
+            " 52 4f 55 54 45 52 08 49 64 65 6e 74 69 74 79 00 00 00 00"
+        )
+        flags, body = client.peer_ready
+        assert bytes([flags, len(body)]) + body == ready
+        client.sock.sendall(bytes.fromhex("04 0b 04 50 49 4e 47 00 64 63 74 78 31"))
+        flags, body = client._frame()
+        assert bytes([flags, len(body)]) + body == bytes.fromhex("04 09 04 50 4f 4e 47 63 74 78 31")
+        client.sock.close()
+        pub = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        pub.settimeout(5)
+        pub.connect(str(cluster.run_dir / "client.sock"))
+        pub.sendall(ZmtpDealer.GREETING)
+        received = b""
+        while len(received) < 64:
+            received += pub.recv(64 - len(received))
+        pub.sendall(bytes.fromhex("04 19 05 52 45 41 44 59 0b") + b"Socket-Type\x00\x00\x00\x03PUB")
+        while chunk := pub.recv(4096):
+            received += chunk
+        assert received[64:] == ready, "a PUB gets the broker's READY, then the connection closes"
+        pub.close()
 
 
 def test_hand_written_zmtp_client_gets_an_answer(trained_store: Path, users: list[str]) -> None:
