@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: install demo serve test lint format bench bench-smoke bench-ingest clean
+.PHONY: install demo serve test test-python test-elixir elixir-check lint format bench bench-smoke bench-ingest clean
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,25 @@ demo: install
 serve: install
 	$(BIN)/uro-recs demo
 
-lint: install
+lint: install elixir-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p uro_recs
 	$(BIN)/mypy tests perf
+	cd sdk/elixir && mix format --check-formatted && mix compile --warnings-as-errors
 
-test: lint
+test: lint test-python test-elixir
+
+test-python: install
 	$(BIN)/python -m pytest -ra
+
+# The Elixir client (sdk/elixir): pure Elixir, no Hex packages; its live tests speak to a
+# broker that tests/with_broker.py starts for them.
+test-elixir: install elixir-check
+	$(BIN)/python -m tests.with_broker sh -c 'cd sdk/elixir && mix test'
+
+elixir-check:
+	@command -v mix >/dev/null || { echo "mix not found: install Elixir (apt-get install -y elixir)" >&2; exit 1; }
 
 # The full benchmark (about 20 minutes on 2 cores); results in perf/results/.
 bench: install

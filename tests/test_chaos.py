@@ -33,6 +33,10 @@ def test_kill_9_of_a_random_worker_every_2_s_costs_a_default_sdk_caller_nothing(
         def killer() -> None:
             rng = random.Random(9)
             while not stop.wait(KILL_EVERY_S):
+                # One worker dies while the other serves: the last replacement must have
+                # registered first (it loads its model in about a second).
+                while not stop.is_set() and cluster.stats()["models"]["als"]["workers"] < 2:
+                    time.sleep(0.05)
                 live = [w for w in cluster.workers if w.poll() is None]
                 victim = rng.choice(live)
                 os.kill(victim.pid, signal.SIGKILL)
