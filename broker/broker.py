@@ -130,10 +130,6 @@ class Broker:
         """From a signal handler: the loop starts the drain on its next turn."""
         self._drain_requested = True
 
-    @property
-    def counters(self) -> dict[str, int]:
-        return dict(self.core.counters)
-
     def run(
         self,
         on_ready: Callable[[], None] | None = None,
@@ -287,11 +283,6 @@ class Broker:
             del self._pidfd_owners[fd]
             self._poller.unregister(fd)
             os.close(fd)
-
-    # --- introspection ------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        return self.core.stats(time.monotonic())
 
 
 def _set_socket_access(endpoint: str, mode: int | None, group: str = "") -> None:

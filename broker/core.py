@@ -135,7 +135,9 @@ class ModelState:
     queued: int = 0
     overloaded: bool = False  # for logging the change of state, not every rejection
     target_version: str | None = None  # set by a rollout; workers on another version move
-    load_errors: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=10))
+    load_errors: deque[dict[str, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_LOAD_ERRORS)
+    )
 
     def live_workers(self) -> int:
         return sum(1 for w in self.workers.values() if not w.draining)
@@ -445,7 +447,6 @@ class BrokerCore:
                 model.deficits.pop(key, None)
                 model.turns.popleft()
             return head
-        return None
 
     def _unqueue(self, model: ModelState, pending: Pending) -> None:
         """Take a queued request out wherever it waits (it expired or is being answered)."""
@@ -488,12 +489,17 @@ class BrokerCore:
             heapq.heapify(self._expiries)
 
     def _held(self) -> Iterable[Pending]:
+        """Every queued and in-flight request."""
         for model in self.models.values():
-            yield from model.redeliveries
-            for queue in model.queues.values():
-                yield from queue
+            yield from self._waiting(model)
         for worker in self.workers.values():
             yield from worker.in_flight.values()
+
+    def _waiting(self, model: ModelState) -> Iterable[Pending]:
+        """A model's queued requests: redeliveries, then each client's queue."""
+        yield from model.redeliveries
+        for queue in model.queues.values():
+            yield from queue
 
     def _expire(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
@@ -735,8 +741,7 @@ class BrokerCore:
         """A model left with no live worker answers what waits for one: nobody will serve it."""
         if model.live_workers() > 0 or not model.queued:
             return
-        waiting = list(model.redeliveries) + [p for q in model.queues.values() for p in q]
-        for pending in waiting:
+        for pending in list(self._waiting(model)):
             self._unqueue(model, pending)
             if pending.dispatches:
                 self._answer_error(pending, ErrorCode.WORKER_LOST, "the worker holding it died")
@@ -751,23 +756,13 @@ class BrokerCore:
             self.finished = True
         elif now >= self.drain_deadline:
             self._log("drain_timeout", True, queued=self.queued(), in_flight=self.in_flight())
-            for model in self.models.values():
-                for pending in list(self._held_by(model)):
-                    if pending.state is PendingState.QUEUED:
-                        self._unqueue(model, pending)
-                    else:
-                        worker = self.workers.get(pending.worker)
-                        if worker is not None:
-                            self._release(worker, pending)
-                    self._answer_error(pending, ErrorCode.UNAVAILABLE, "broker is shutting down")
+            for pending in list(self._held()):
+                if pending.state is PendingState.QUEUED:
+                    self._unqueue(self.models[pending.model], pending)
+                else:
+                    self._release(self.workers[pending.worker], pending)
+                self._answer_error(pending, ErrorCode.UNAVAILABLE, "broker is shutting down")
             self.finished = True
-
-    def _held_by(self, model: ModelState) -> Iterable[Pending]:
-        yield from list(model.redeliveries)
-        for queue in list(model.queues.values()):
-            yield from list(queue)
-        for worker in list(model.workers.values()):
-            yield from list(worker.in_flight.values())
 
     # --- introspection ------------------------------------------------------------------------
 

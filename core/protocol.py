@@ -471,8 +471,6 @@ def decode_request(body: bytes, max_bytes: int) -> Request:
         _fail("model: expected a string naming the model", rid)
     if not needs_model:
         model = None  # ingest, info and stats ignore it, whatever it is
-    if model is not None and not isinstance(model, str):
-        _fail("model: expected a string", rid)
     timeout_ms = obj.get("timeout_ms")
     if timeout_ms is not None and (not _is_int(timeout_ms) or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         _fail(f"timeout_ms: expected an integer in 1..{MAX_TIMEOUT_MS}", rid)

@@ -99,6 +99,15 @@ class Cluster:
         self.workers.append(process)
         return process
 
+    def fake_worker(self, identity: bytes, hello: protocol.WorkerHello) -> zmq.Socket[bytes]:
+        """A DEALER on the workers socket that has sent READY: a worker the test drives."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"ipc://{self.run_dir / 'workers.sock'}")
+        sock.send_multipart(protocol.encode_ready(hello))
+        return sock
+
     def call(self, op: str, timeout_s: float = 5.0, **fields: Any) -> dict[str, Any]:
         """One request on a fresh DEALER socket; returns the decoded reply map."""
         with self.context.socket(zmq.DEALER) as sock:

@@ -349,20 +349,10 @@ def test_worker_reconnecting_before_its_old_connection_is_gone_still_gets_reques
     """A worker that gives up on the broker opens a new socket with the same identity; the
     broker may still hold the old connection. The new one must take over, not be ignored."""
     with Cluster(trained_store, {}).start() as cluster:
-        endpoint = f"ipc://{cluster.run_dir / 'workers.sock'}"
         hello = protocol.WorkerHello(model="als", version="v-test", slots=4, info={})
-
-        def worker_socket() -> zmq.Socket[bytes]:
-            sock = cluster.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"worker-same-identity")
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-            sock.send_multipart(protocol.encode_ready(hello))
-            return sock
-
-        old = worker_socket()
+        old = cluster.fake_worker(b"worker-same-identity", hello)
         cluster.wait_for_workers({"als": 1}, timeout_s=10)
-        new = worker_socket()
+        new = cluster.fake_worker(b"worker-same-identity", hello)
         time.sleep(0.3)  # the new connection is up while the old one is still open
         old.close()
         new.send(protocol.worker_header(protocol.HEARTBEAT))  # alive: a fake worker is silent

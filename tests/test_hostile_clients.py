@@ -84,18 +84,8 @@ def test_a_stalled_broker_leaves_no_phantom_workers(
         # A worker that gave up on a busy broker reconnects with the same identity while its
         # old connection still holds a READY the broker has not read: libzmq hands the identity
         # to the new connection and renames the old one, whose stale READY must not register.
-        endpoint = f"ipc://{cluster.run_dir / 'workers.sock'}"
         hello = protocol.WorkerHello("als", "v-stale", 1, {})
-
-        def connect() -> zmq.Socket[bytes]:
-            sock = cluster.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"als-reconnecting")
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-            sock.send_multipart(protocol.encode_ready(hello))
-            return sock
-
-        old = connect()
+        old = cluster.fake_worker(b"als-reconnecting", hello)
         cluster.wait_for_workers({"als": 3}, timeout_s=10)
         attacker = _dealer(cluster)
         for i in range(10):  # what used to keep the broker's loop busy for seconds
@@ -103,7 +93,7 @@ def test_a_stalled_broker_leaves_no_phantom_workers(
         time.sleep(0.3)
         old.send_multipart(protocol.encode_ready(hello))
         time.sleep(0.2)
-        new = connect()
+        new = cluster.fake_worker(b"als-reconnecting", hello)
         collect(attacker, 10, timeout_s=60)
         new.send(protocol.worker_header(protocol.HEARTBEAT))
         workers = cluster.stats()["models"]["als"]["workers"]
@@ -204,12 +194,8 @@ def test_a_request_its_worker_never_answers_expires_and_frees_the_slot(
 ) -> None:
     broker = {"in_flight_grace_ms": 200}
     with Cluster(trained_store, {}, broker=broker).start() as cluster:
-        worker = cluster.context.socket(zmq.DEALER)
-        worker.setsockopt(zmq.IDENTITY, b"silent-worker")
-        worker.setsockopt(zmq.LINGER, 0)
-        worker.connect(f"ipc://{cluster.run_dir / 'workers.sock'}")
         hello = protocol.WorkerHello("als", "v1", 1, {}, os.getpid())
-        worker.send_multipart(protocol.encode_ready(hello))
+        worker = cluster.fake_worker(b"silent-worker", hello)
         cluster.wait_for_workers({"als": 1}, timeout_s=10)
         stop = threading.Event()
 

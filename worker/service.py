@@ -1,12 +1,13 @@
 """The model worker: one loaded, warmed model version answering the broker's requests.
 
 The broker link and lifecycle are `WorkerLoop`'s (worker/loop.py). This adds the model:
-recommend requests waiting together share model calls of at most `engine.users_per_call`
-users, lightest first; a request larger than that (a heavy one) is answered over several
-turns of the loop, one call of it per turn, so requests that arrive meanwhile are answered
-between its calls and the loop keeps heartbeating. A rollout loads the next version in a
-background thread beside the one serving, then switches when no request is half done; a load
-that fails is reported to the broker (LOAD_FAILED).
+recommend requests waiting together share model calls, lightest first, each call at most
+`engine.users_per_call` users and about half a heartbeat at the measured speed; a request
+larger than one call (a heavy one) is answered over several turns of the loop, one call of it
+per turn, so requests that arrive meanwhile are answered between its calls and the loop keeps
+heartbeating. A rollout loads the next version in a background thread beside the one serving,
+then switches when no request is half done; a load that fails is reported to the broker
+(LOAD_FAILED).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PendingRecommend:
     request: Request
     args: RecommendArgs
     done: list[Recommendation] = field(default_factory=list)  # the first users' answers
-    left: int = -1  # users not yet scored
+    left: int = field(init=False)  # users not yet scored (kept, not recomputed, per call)
 
     def __post_init__(self) -> None:
         self.left = len(self.args.users)
@@ -177,7 +178,7 @@ class WorkerService(WorkerLoop):
             else:
                 self._run_one(job, request)
 
-    # --- recommend: model calls of at most users_per_call users, one turn at a time ---------
+    # --- recommend: model calls sized by _call_users, one turn at a time ---------------------
 
     def has_pending_work(self) -> bool:
         return bool(self._pending)
