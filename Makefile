@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: install demo serve test test-python test-elixir elixir-check lint format bench bench-smoke bench-ingest clean
+.PHONY: install demo serve test test-python test-elixir elixir-check lint format bench bench-smoke bench-elixir bench-ingest clean
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,11 @@ test: lint test-python test-elixir
 test-python: install
 	$(BIN)/python -m pytest -ra
 
-# The Elixir client (sdk/elixir): pure Elixir, no Hex packages; its live tests speak to a
-# broker that tests/with_broker.py starts for them.
+# The Elixir client (sdk/elixir): pure Elixir, no Hex packages. Its live ZMTP tests speak to a
+# broker that tests/with_broker.py starts for them; its integration tests train models and run
+# the broker and workers through the CLI of the Python named by URO_RECS_PYTHON.
 test-elixir: install elixir-check
-	$(BIN)/python -m tests.with_broker sh -c 'cd sdk/elixir && mix test'
+	URO_RECS_PYTHON=$(abspath $(BIN)/python) $(BIN)/python -m tests.with_broker sh -c 'cd sdk/elixir && mix test'
 
 elixir-check:
 	@command -v mix >/dev/null || { echo "mix not found: install Elixir (apt-get install -y elixir)" >&2; exit 1; }
@@ -48,9 +49,14 @@ elixir-check:
 bench: install
 	$(BIN)/python -m perf.bench
 
-bench-smoke: install
+bench-smoke: install elixir-check
 	$(BIN)/python -m perf.bench --smoke --out build/bench-smoke
 	$(BIN)/python -m perf.ingest_bench --events 2000 --sizes 1,100
+	$(BIN)/python -m perf.elixir_bench --smoke --json build/elixir-bench-smoke.json
+
+# The Elixir client next to the Python SDK, taking turns on one broker (about 90 s).
+bench-elixir: install elixir-check
+	$(BIN)/python -m perf.elixir_bench --json build/elixir-bench.json
 
 # Event ingest, straight into the database and through the broker (about a minute).
 bench-ingest: install

@@ -12,7 +12,9 @@ defmodule UroRecs.ZMTP do
     * `greeting/0`: our 64-byte greeting (ZMTP 3.0, mechanism NULL, not as-server). Send it
       first.
     * `ready_command/1`: our READY command (`Socket-Type` = `"DEALER"`). Send it right after
-      the greeting; there is no need to wait for the broker's greeting first.
+      the greeting; there is no need to wait for the broker's greeting first. Send messages
+      only once the `{:ready, _}` event has come: the broker drops a connection whose
+      greeting, READY and first message arrive together (PROTOCOL.md section 6).
     * `encode_request/1`: one request, the two frames `[<<>>, body]`; `encode_message/1` for
       any list of frames.
     * `ping/2` and `pong/1`: the ZMTP 3.1 heartbeat commands. Answer every `{:ping, _, context}`
@@ -92,7 +94,8 @@ defmodule UroRecs.ZMTP do
             message_size: non_neg_integer(),
             max_frame_size: non_neg_integer(),
             max_message_size: non_neg_integer(),
-            max_frames: pos_integer()
+            max_frames: pos_integer(),
+            peer_socket_type: binary()
           }
 
   @typedoc "Where the decoder stands (see the moduledoc)."
@@ -136,11 +139,14 @@ defmodule UroRecs.ZMTP do
       default 64 MiB.
     * `:max_message_size`: the largest sum of the frames of one message; default 64 MiB.
     * `:max_frames`: the most frames in one message; default #{@default_max_frames}.
+    * `:peer_socket_type`: the `Socket-Type` the peer's READY must declare; default
+      `"ROUTER"` (the broker). A test double of the broker reads a client with `"DEALER"`.
   """
   @type option ::
           {:max_frame_size, non_neg_integer()}
           | {:max_message_size, non_neg_integer()}
           | {:max_frames, pos_integer()}
+          | {:peer_socket_type, binary()}
 
   defstruct phase: :greeting,
             buffer: [],
@@ -151,7 +157,8 @@ defmodule UroRecs.ZMTP do
             message_size: 0,
             max_frame_size: @default_max_frame_size,
             max_message_size: @default_max_message_size,
-            max_frames: @default_max_frames
+            max_frames: @default_max_frames,
+            peer_socket_type: "ROUTER"
 
   ## Writing
 
@@ -230,10 +237,11 @@ defmodule UroRecs.ZMTP do
       Keyword.validate!(opts,
         max_frame_size: @default_max_frame_size,
         max_message_size: @default_max_message_size,
-        max_frames: @default_max_frames
+        max_frames: @default_max_frames,
+        peer_socket_type: "ROUTER"
       )
 
-    for {key, value} <- opts do
+    for {key, value} <- Keyword.delete(opts, :peer_socket_type) do
       minimum = if key == :max_frames, do: 1, else: 0
 
       unless is_integer(value) and value >= minimum do
@@ -395,7 +403,7 @@ defmodule UroRecs.ZMTP do
   defp ready(data, t) do
     with {:ok, properties} <- properties(data, %{}) do
       case socket_type(properties) do
-        "ROUTER" -> {:ok, %{t | phase: :open}, {:ready, properties}}
+        type when type == t.peer_socket_type -> {:ok, %{t | phase: :open}, {:ready, properties}}
         other -> {:error, {:bad_socket_type, other}}
       end
     end
