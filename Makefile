@@ -4,8 +4,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
+# The packages of the uro_recs namespace, one per top-level folder (README, "Layout").
+PACKAGES := core sdk broker worker pipeline app
 
-.PHONY: install demo serve test test-python test-elixir elixir-check lint format bench bench-smoke bench-elixir bench-ingest clean
+.PHONY: install demo serve test layout-check test-python test-elixir elixir-check lint format bench bench-smoke bench-elixir bench-ingest clean
 
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +16,12 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # Our own code is installed non-editable (the folders map onto one namespace, uro_recs),
-# so every target refreshes it.
+# so every target refreshes it. setuptools builds in build/lib and would ship whatever an
+# earlier build left there (a module since moved or deleted): start that build afresh.
 install: $(DEPS_STAMP)
-	$(BIN)/python -m pip install -q --no-deps --force-reinstall . 2>&1 | grep -v -i warning || true
+	rm -rf build/lib build/bdist.* uro_recs.egg-info
+	mkdir -p build
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall . >build/pip.log 2>&1 || { cat build/pip.log; exit 1; }
 
 demo: install
 	$(BIN)/uro-recs demo --once
@@ -27,11 +32,22 @@ serve: install
 lint: install elixir-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p uro_recs
+	$(BIN)/mypy $(addprefix -p uro_recs.,$(PACKAGES))
 	$(BIN)/mypy tests perf
 	cd sdk/elixir && mix format --check-formatted && mix compile --warnings-as-errors
 
-test: lint test-python test-elixir
+test: lint layout-check test-python test-elixir
+
+# The package layout: no import cycle between packages (the graph: python -m tests.layout), and
+# a base install (no extra) in which every module it promises imports.
+layout-check: install
+	$(BIN)/python -m tests.layout --check >/dev/null || $(BIN)/python -m tests.layout --check
+	rm -rf build/base-venv && $(PYTHON) -m venv build/base-venv
+	rm -rf build/lib build/bdist.* uro_recs.egg-info
+	build/base-venv/bin/python -m pip install -q -c constraints.txt . >build/pip-base.log 2>&1 || { cat build/pip-base.log; exit 1; }
+	build/base-venv/bin/python -m tests.layout --base-imports
+	build/base-venv/bin/uro-recs --help >/dev/null
+	cd build && base-venv/bin/uro-recs worker --model als 2>&1 | grep -q "install the 'server' extra"
 
 test-python: install
 	$(BIN)/python -m pytest -ra

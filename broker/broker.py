@@ -34,9 +34,9 @@ from uro_recs.broker.core import (
     UnwatchProcess,
     WatchProcess,
 )
-from uro_recs.config import BrokerConfig
-from uro_recs.wakeup import Wakeup
-from uro_recs.worker.model_store import MANIFEST_NAME, version_dir
+from uro_recs.core.config import BrokerConfig
+from uro_recs.core.model_store import MANIFEST_NAME, version_dir
+from uro_recs.core.wakeup import Wakeup
 
 log = structlog.get_logger("uro_recs.broker")
 
@@ -146,7 +146,7 @@ class Broker:
         log.info("broker_started", models=sorted(self.core.models))
         if on_ready is not None:
             on_ready()
-        turn_s = self.config.heartbeat_ms / 2000  # reading yields to the duties this often
+        turn_s = self.config.busy_slice_s  # reading yields to the duties this often
         while self.running:
             now = time.monotonic()
             timeout_s = min(self.core.next_wakeup() - now, turn_s)

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig
-from uro_recs.protocol import (
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig
+from uro_recs.core.protocol import (
     ErrorCode,
     Op,
     ProtocolError,
@@ -180,8 +180,8 @@ class BrokerCore:
         self._seq = itertools.count(1)
         self._tiebreak = itertools.count()
         self._expiries: list[tuple[float, int, Pending]] = []
-        self._heartbeat_s = config.heartbeat_ms / 1000
-        self._liveness_s = self._heartbeat_s * config.liveness
+        self._heartbeat_s = config.heartbeat_s
+        self._liveness_s = config.liveness_s
         self._grace_s = config.in_flight_grace_ms / 1000
         self._next_heartbeat = now
 

@@ -1,3 +1,2 @@
-"""uro-recs: a recommendation sidecar serving LibRecommender models to uro over ZeroMQ."""
-
-__version__ = "0.1.0"
+"""The kernel every other package builds on: the wire protocol, configuration, logging, the
+database access and schema, the model store's format, and small process helpers."""

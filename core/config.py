@@ -54,6 +54,22 @@ class BrokerConfig:
     def client_socket_mode_bits(self) -> int | None:
         return int(self.client_socket_mode, 8) if self.client_socket_mode else None
 
+    # The heartbeat timing, for the broker and the workers alike.
+    @property
+    def heartbeat_s(self) -> float:
+        return self.heartbeat_ms / 1000
+
+    @property
+    def liveness_s(self) -> float:
+        """The silence after which a peer is dead: `liveness` heartbeat intervals."""
+        return self.heartbeat_s * self.liveness
+
+    @property
+    def busy_slice_s(self) -> float:
+        """The longest a broker or worker loop spends on one thing (reading, one model call)
+        before it services heartbeats again: half an interval, so busy never looks dead."""
+        return self.heartbeat_s / 2
+
 
 @dataclass(frozen=True)
 class WorkerConfig:

@@ -13,6 +13,7 @@ import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn, TypeAlias
 
@@ -38,6 +39,7 @@ MAX_NESTING = 1_024  # levels (msgpack-c's own stack depth; deeper is bad_reques
 MAX_RESULT_ITEMS = 20_000
 MAX_OCCURRED_AT_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 ITEM_KINDS = ("avatar", "map", "prop")  # what uro recommends; recs_events checks it too
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_N = 10
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -129,6 +131,22 @@ class IngestEvent:
     event: str  # "play", "view", "save", ...: 1..MAX_EVENT_NAME_CHARS characters
     occurred_at_us: int  # microseconds since the Unix epoch, UTC
     weight: float  # finite; its label weight in training (negative cancels)
+
+    def row(self) -> tuple[uuid.UUID, str, uuid.UUID, str, datetime, float]:
+        """The `recs_events` row: user_id, item_kind, item_id, event, occurred_at, weight."""
+        occurred_at = _EPOCH + timedelta(microseconds=self.occurred_at_us)
+        return self.user_id, self.item_kind, self.item_id, self.event, occurred_at, self.weight
+
+    def wire(self) -> dict[str, Any]:
+        """The event as the `ingest` op carries it."""
+        return {
+            "user_id": str(self.user_id),
+            "item_kind": self.item_kind,
+            "item_id": str(self.item_id),
+            "event": self.event,
+            "occurred_at_us": self.occurred_at_us,
+            "weight": self.weight,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +378,7 @@ def _rollout_args(args: Mapping[str, Any], rid: RequestId) -> RolloutArgs:
     return RolloutArgs(version=version)
 
 
-def _uuid(value: object, field: str, rid: RequestId) -> uuid.UUID:
+def _uuid(value: object, field: str, rid: RequestId | None) -> uuid.UUID:
     # Only the 36-character 8-4-4-4-12 form: one spelling per id keeps replays idempotent.
     if isinstance(value, str) and len(value) == 36 and value[8:24:5] == "----":
         try:
@@ -370,7 +388,7 @@ def _uuid(value: object, field: str, rid: RequestId) -> uuid.UUID:
     _fail(f"{field}: expected a UUID like 6f1c1b9a-4c1e-4a8e-9d59-1f0b8d2b7a31", rid)
 
 
-def _ingest_event(raw: object, at: str, rid: RequestId) -> IngestEvent:
+def _ingest_event(raw: object, at: str, rid: RequestId | None) -> IngestEvent:
     if not isinstance(raw, dict):
         _fail(f"{at}: expected a map", rid)
     kind = raw.get("item_kind")
@@ -397,6 +415,12 @@ def _ingest_event(raw: object, at: str, rid: RequestId) -> IngestEvent:
         occurred_at_us=occurred,
         weight=float(weight),
     )
+
+
+def parse_event(raw: object, at: str = "event") -> IngestEvent:
+    """One event of an `ingest` request, validated (ProtocolError says what is wrong, with
+    the field named as `at`.field). The one place the rules of an event live."""
+    return _ingest_event(raw, at, None)
 
 
 def _ingest_args(args: Mapping[str, Any], rid: RequestId) -> IngestArgs:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("uro_recs.sdnotify")
+log = structlog.get_logger("uro_recs.core.sdnotify")
 
 
 def notify_address(value: str) -> bytes | None:

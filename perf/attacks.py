@@ -38,8 +38,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import load_config
+from uro_recs.core import protocol
+from uro_recs.core.config import load_config
 from uro_recs.sdk import AsyncClient, Client, UroRecsError
 
 MAX_SIZE_ARGS_USERS = 1_000
@@ -157,7 +157,7 @@ class Served:
     """`uro-recs serve` with the demo models: als x 2 workers, deepfm x 1."""
 
     def __init__(self, directory: Path) -> None:
-        from uro_recs.demo import prepare
+        from uro_recs.app.demo import prepare
 
         config_path, data = prepare(directory)
         text = config_path.read_text().replace(
@@ -172,7 +172,14 @@ class Served:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path), "serve"]
+        command = [
+            sys.executable,
+            "-m",
+            "uro_recs.app.cli",
+            "--config",
+            str(self.config_path),
+            "serve",
+        ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         with Client(self.config.control_endpoint, timeout=1.0) as control:

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from uro_recs.cli import apply_thread_limits
+from uro_recs.app.cli import apply_thread_limits
 
 apply_thread_limits(1)  # before numpy: like for like, one thread in every system
 
@@ -52,13 +52,13 @@ from perf.loadgen import (  # noqa: E402
     zmq_closed_loop,
     zmq_open_loop,
 )
-from uro_recs.demo import start_serving, wait_ready  # noqa: E402
+from uro_recs.app.demo import start_serving, wait_ready  # noqa: E402
+from uro_recs.core.model_store import list_versions  # noqa: E402
+from uro_recs.pipeline.demo_data import make_interactions  # noqa: E402
+from uro_recs.pipeline.training import ModelKind, train_and_save  # noqa: E402
 from uro_recs.sdk import Client  # noqa: E402
-from uro_recs.worker.demo_data import make_interactions  # noqa: E402
 from uro_recs.worker.engine import load_engine  # noqa: E402
 from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
-from uro_recs.worker.model_store import list_versions  # noqa: E402
-from uro_recs.worker.training import ModelKind, train_and_save  # noqa: E402
 
 P99_BUDGET_MS = 10.0
 SATURATION_IN_FLIGHT = 64

@@ -36,8 +36,8 @@ from typing import Any, Final
 
 from perf.bench import prepare_store, uro_recs_server
 from perf.loadgen import RequestMix, RunResult, sequential
+from uro_recs.pipeline.training import ModelKind
 from uro_recs.sdk import AsyncClient, Client, UroRecsError
-from uro_recs.worker.training import ModelKind
 
 ELIXIR_DIR = Path(__file__).resolve().parent.parent / "sdk" / "elixir"
 MODEL: Final[ModelKind] = "als"

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from perf.loadgen import RunResult
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 REQUEST = protocol.encode_request(1, "recommend", "als", {"user": "u" * 36, "n": 10}, 5000)
 Context = zmq.Context[zmq.Socket[bytes]]

@@ -29,11 +29,11 @@ import zmq
 from perf.loadgen import RunResult
 from tests.cluster import Cluster
 from tests.db_fixtures import fresh_database
-from uro_recs import protocol
-from uro_recs.config import DatabaseConfig
-from uro_recs.logs import configure_logging
-from uro_recs.sdk.db import Database, migrate
-from uro_recs.sdk.ingest import Event, ingest_events
+from uro_recs.core import protocol
+from uro_recs.core.config import DatabaseConfig
+from uro_recs.core.db import Database, migrate
+from uro_recs.core.logs import configure_logging
+from uro_recs.pipeline.ingest import Event, ingest_events
 
 
 def events(n: int, seed: int = 0) -> list[Event]:

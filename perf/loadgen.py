@@ -24,7 +24,7 @@ import msgpack
 import zmq
 from hdrh.histogram import HdrHistogram
 
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 MAX_LATENCY_US = 60_000_000
 

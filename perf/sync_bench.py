@@ -20,18 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from uro_recs.cli import apply_thread_limits
+from uro_recs.app.cli import apply_thread_limits
 
 apply_thread_limits(2)
 
 from perf.ingest_bench import events  # noqa: E402
 from tests.db_fixtures import fresh_database, load_community, load_events, make_community  # noqa: E402
-from uro_recs.config import Config, DatabaseConfig, SyncConfig  # noqa: E402
-from uro_recs.logs import configure_logging  # noqa: E402
-from uro_recs.sdk.batch import batch_recommend  # noqa: E402
-from uro_recs.sdk.db import Database, migrate  # noqa: E402
-from uro_recs.sdk.ingest import ingest_events  # noqa: E402
-from uro_recs.sdk.sync import run_sync  # noqa: E402
+from uro_recs.core.config import Config, DatabaseConfig, SyncConfig  # noqa: E402
+from uro_recs.core.db import Database, migrate  # noqa: E402
+from uro_recs.core.logs import configure_logging  # noqa: E402
+from uro_recs.pipeline.batch import batch_recommend  # noqa: E402
+from uro_recs.pipeline.ingest import ingest_events  # noqa: E402
+from uro_recs.pipeline.sync import run_sync  # noqa: E402
 
 
 async def measure(url: str, store: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,7 @@ with Client("ipc:///run/uro-recs/client.sock", model="als") as client:
     rec = client.recommend(42, n=20)
 """
 
-from uro_recs.protocol import Id
+from uro_recs.core.protocol import Id
 
 from .client import DEFAULT_TIMEOUT, AsyncClient, Client, ClientState, RetryPolicy
 from .errors import (

@@ -22,8 +22,8 @@ from typing import Any, Generic, Self, TypeVar
 import zmq
 import zmq.asyncio
 
-from uro_recs import protocol
-from uro_recs.protocol import RETRYABLE_CODES, ErrorCode, Id, Op, Reply, RequestId
+from uro_recs.core import protocol
+from uro_recs.core.protocol import RETRYABLE_CODES, ErrorCode, Id, Op, Reply, RequestId
 
 from .errors import DeadlineExceeded, ServerError, UroRecsError, error_from_reply
 from .events import Event

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uro_recs.protocol import Error, ErrorCode, RequestId
+from uro_recs.core.protocol import Error, ErrorCode, RequestId
 
 
 class UroRecsError(Exception):

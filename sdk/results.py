@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from uro_recs.protocol import ErrorCode, Id
+from uro_recs.core.protocol import ErrorCode, Id
 
 from .errors import ServerError
 

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 
 class Cluster:
@@ -56,7 +56,14 @@ class Cluster:
         self.context = zmq.Context()
 
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "uro_recs.app.cli",
+            "--config",
+            str(self.config_path),
+            *args,
+        ]
         with (self.root / f"{args[0]}-{time.monotonic_ns()}.log").open("wb") as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -82,7 +89,7 @@ class Cluster:
     @contextmanager
     def serve(self) -> Iterator[subprocess.Popen[bytes]]:
         """`uro-recs serve` (broker and workers under one supervisor) instead of `start`."""
-        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(self.config_path)]
+        command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(self.config_path)]
         process = subprocess.Popen(
             [*command, "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 if TYPE_CHECKING:
+    from uro_recs.pipeline.training import ModelKind
     from uro_recs.worker.engine import Id
-    from uro_recs.worker.training import ModelKind
 
 # Small enough to train both models in a few seconds on two cores.
 DEMO_SIZES = {"n_users": 800, "n_items": 1200, "n_interactions": 30_000, "seed": 7}
@@ -25,7 +25,7 @@ TRAINED_MODELS: dict[str, ModelKind] = {"als": "als", "deepfm": "deepfm"}  # nam
 
 @pytest.fixture(scope="session")
 def demo_interactions() -> pd.DataFrame:
-    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.pipeline.demo_data import make_interactions
 
     return make_interactions(**DEMO_SIZES)
 
@@ -38,7 +38,7 @@ def trained_store(
 
     Shared by the whole session: treat it as read-only (copy a version to break it).
     """
-    from uro_recs.worker.training import train_and_save
+    from uro_recs.pipeline.training import train_and_save
 
     store = tmp_path_factory.mktemp("model_store")
     for name, kind in TRAINED_MODELS.items():
@@ -82,15 +82,15 @@ def references(trained_store: Path) -> dict[str, Reference]:
     from libreco.algorithms import ALS, DeepFM
     from libreco.data import DataInfo
 
-    from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet
-    from uro_recs.worker.model_store import current_version, version_dir
+    from uro_recs.core.model_store import MODEL_FILE_STEM, current_version, version_dir
+    from uro_recs.worker.libreco_env import quiet
 
     loaded = {}
     for name, model_class in (("als", ALS), ("deepfm", DeepFM)):
         path = str(version_dir(trained_store, name, current_version(trained_store, name)))
         with quiet(stderr=True), tf.Graph().as_default():
-            data_info = DataInfo.load(path, LIBRECO_FILE_STEM)
-            model = model_class.load(path, LIBRECO_FILE_STEM, data_info)
+            data_info = DataInfo.load(path, MODEL_FILE_STEM)
+            model = model_class.load(path, MODEL_FILE_STEM, data_info)
         by_activity = sorted(
             data_info.user2id, key=lambda u: len(data_info.user_consumed[data_info.user2id[u]])
         )

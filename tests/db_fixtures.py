@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uro_recs.config import Config, DatabaseConfig, SyncConfig
-from uro_recs.sdk.db import Database, migrate
+from uro_recs.core.config import Config, DatabaseConfig, SyncConfig
+from uro_recs.core.db import Database, migrate
 
 T = TypeVar("T")
 
@@ -96,7 +96,7 @@ class Community:
 
 def make_community(**sizes: int) -> Community:
     """A synthetic community: COMMUNITY_SIZES unless `sizes` says otherwise."""
-    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.pipeline.demo_data import make_interactions
 
     data = make_interactions(**{**COMMUNITY_SIZES, **sizes})
     data = data.rename(columns={"item_kind": "kind"})

@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 import zmq
 
 from tests.cluster import Cluster
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 
 def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
@@ -54,22 +55,93 @@ def users(demo_users: list[str]) -> list[str]:
 def test_kill_9_of_one_of_two_workers_loses_none_of_200_requests(
     trained_store: Path, users: list[str]
 ) -> None:
-    with Cluster(trained_store, {"als": 2}, worker={"slots": 4}).start() as cluster:
+    # Heartbeats every 2 s: the stopped victim is not declared dead for 6 s, so what moves
+    # its requests is the kill, seen through its pidfd.
+    broker = {"heartbeat_ms": 2000}
+    with Cluster(trained_store, {"als": 2}, broker=broker, worker={"slots": 4}).start() as cluster:
         sock = _dealer(cluster.context, cluster.client_endpoint)
         victim = cluster.workers[0]
-        for i in range(200):
-            args = {"user": users[i % len(users)], "n": 10}
-            _send(sock, i, "recommend", model="als", args=args, timeout_ms=10_000)
-            if i == 20:
-                os.kill(victim.pid, signal.SIGKILL)
-        replies = _collect(sock, 200, timeout_s=20)
+        os.kill(victim.pid, signal.SIGSTOP)  # it fills its 4 slots and answers none of them
+
+        def send(ids: range) -> None:
+            for i in ids:
+                args = {"user": users[i % len(users)], "n": 10}
+                _send(sock, i, "recommend", model="als", args=args, timeout_ms=10_000)
+
+        send(range(100))
+        replies = _collect(sock, 96, timeout_s=10)
+        assert cluster.stats()["models"]["als"]["in_flight"] == 4
+        os.kill(victim.pid, signal.SIGKILL)
+        send(range(100, 200))
+        replies |= _collect(sock, 104, timeout_s=5)
+
+        assert sorted(replies) == list(range(200))
         failed = {i: r["error"] for i, r in replies.items() if not r["ok"]}
         assert failed == {}
         assert victim.wait(timeout=5) == -signal.SIGKILL
         stats = cluster.stats()
         assert stats["models"]["als"]["workers"] == 1
         assert stats["counters"]["workers_lost"] == 1
+        assert stats["counters"]["requests_redelivered"] == 4
+        assert "answered_worker_lost" not in stats["counters"]
         sock.close()
+
+
+def _handed_a_request(sockets: list[zmq.Socket[bytes]], timeout_ms: int) -> list[zmq.Socket[bytes]]:
+    """The fake workers handed a REQUEST, once one is or the timeout passes (heartbeats are
+    skipped)."""
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + timeout_ms / 1000
+    handed: list[zmq.Socket[bytes]] = []
+    while not handed and (left := deadline - time.monotonic()) > 0:
+        for sock in dict(poller.poll(int(left * 1000) + 1)):
+            header = protocol.parse_worker_header(sock.recv_multipart()[0])
+            if header.command == protocol.REQUEST:
+                handed.append(sock)
+    return handed
+
+
+def test_request_whose_second_worker_dies_too_is_answered_worker_lost(
+    trained_store: Path, users: list[str]
+) -> None:
+    # Three fake workers, each "running" as a sleep process the broker watches: killing the
+    # process is the worker's kill -9. Heartbeats every 5 s keep silence from counting.
+    with Cluster(trained_store, {}, broker={"heartbeat_ms": 5000}).start() as cluster:
+        processes = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+        try:
+            workers = {
+                cluster.fake_worker(
+                    f"fake-{i}".encode(), protocol.WorkerHello("als", "v-test", 1, {}, p.pid)
+                ): p
+                for i, p in enumerate(processes)
+            }
+            cluster.wait_for_workers({"als": 3}, timeout_s=10)
+            client = _dealer(cluster.context, cluster.client_endpoint)
+            _send(client, 1, "recommend", model="als", args={"user": users[0]}, timeout_ms=10_000)
+
+            for _ in range(2):  # the worker holding it dies, then the one it was redelivered to
+                (holder,) = _handed_a_request(list(workers), 2000)
+                workers.pop(holder).kill()
+                if len(workers) == 2:
+                    assert not client.poll(200), "answered instead of redelivered"
+
+            reply = _collect(client, 1, timeout_s=5)[1]
+            assert reply["error"]["code"] == "worker_lost" and reply["error"]["retry"] is True
+            (survivor,) = workers
+            assert _handed_a_request([survivor], 300) == [], "redelivered a second time"
+            stats = cluster.stats()
+            assert stats["models"]["als"]["workers"] == 1
+            counters = stats["counters"]
+            assert counters["workers_lost"] == 2
+            assert counters["requests_redelivered"] == 1
+            assert counters["answered_worker_lost"] == 1
+            client.close()
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
 
 
 def test_request_whose_deadline_passes_in_the_queue_is_answered_and_never_run(

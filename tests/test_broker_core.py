@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from uro_recs import protocol
 from uro_recs.broker.core import BrokerCore, PendingState, ToClient, ToWorker, WatchProcess
-from uro_recs.config import BrokerConfig
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig
 
 CONTROL = 9
 
@@ -143,6 +143,24 @@ def test_dead_workers_requests_are_redelivered_once_then_answered_worker_lost() 
     h.collect()
     assert h.code(b"c", 1) == "worker_lost"
     assert b"w3" not in h.requests, "a second death is not redelivered again"
+    counters = h.core.counters
+    assert (counters["requests_redelivered"], counters["answered_worker_lost"]) == (1, 1)
+    assert h.core.live == 0 and h.core.pending_bytes == 0
+    h.send(b"c", 2)
+    assert h.requests[b"w3"], "the live worker left serves the next request"
+
+
+def test_a_dead_workers_expired_request_is_answered_worker_lost_not_redelivered() -> None:
+    h = Harness(BrokerConfig(in_flight_grace_ms=250, heartbeat_ms=10_000))
+    h.join(b"w1", slots=1)
+    h.send(b"c", 1, timeout_ms=100)
+    h.join(b"w2", slots=1)
+    h.now += 0.2  # past its deadline, within the grace: w1 still holds it
+    h.core.worker_gone(b"w1", "process exited", h.now)
+    h.collect()
+    assert h.code(b"c", 1) == "worker_lost"
+    assert b"w2" not in h.requests
+    assert "requests_redelivered" not in h.core.counters
 
 
 def test_silent_worker_is_declared_dead_after_liveness_and_its_requests_move() -> None:

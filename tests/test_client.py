@@ -19,8 +19,8 @@ import msgpack
 import pytest
 import zmq
 
-from uro_recs import protocol
-from uro_recs.protocol import RETRYABLE_CODES, ErrorCode, Request
+from uro_recs.core import protocol
+from uro_recs.core.protocol import RETRYABLE_CODES, ErrorCode, Request
 from uro_recs.sdk import (
     AsyncClient,
     BadRequest,
@@ -506,17 +506,43 @@ PARSERS: dict[str, Callable[[dict[str, Any]], object]] = {
 }
 
 
-def test_reply_vectors_of_the_protocol_parse_into_results_or_exceptions() -> None:
-    replies = json.loads(VECTORS.read_text())["replies"]
-    assert {v["name"] for v in replies if v["value"]["ok"]} <= set(PARSERS)
-    for vector in replies:
-        reply = protocol.decode_reply(bytes.fromhex(vector["body_hex"]))
-        if reply.result is not None:
-            assert PARSERS[vector["name"]](reply.result) is not None
-        else:
-            assert reply.error is not None
-            error = error_from_reply(reply.error, reply.id)
-            assert type(error) is EXPECTED_EXCEPTION[reply.error.code]
+def _recommendation(result: dict[str, Any]) -> Recommendation:
+    return Recommendation(result["user"], tuple(result["items"]), result["cold_start"])
+
+
+# What each result map of the vectors must parse into, built from the map field by field.
+EXPECTED_RESULT: dict[str, Callable[[dict[str, Any]], object]] = {
+    "recommend_ok": _recommendation,
+    "recommend_many_ok": lambda r: [_recommendation(each) for each in r["results"]],
+    "predict_ok": lambda r: Prediction(r["user"], tuple(r["scores"]), r["cold_start"]),
+    "similar_items_ok": lambda r: SimilarItems(
+        r["item"], tuple(r["items"]), tuple(r["scores"]), r["cold_start"]
+    ),
+    "ingest_ok": lambda r: r["accepted"],
+}
+
+
+@pytest.mark.parametrize(
+    "vector", [pytest.param(v, id=v["name"]) for v in json.loads(VECTORS.read_text())["replies"]]
+)
+def test_reply_vectors_of_the_protocol_parse_into_results_or_exceptions(
+    vector: dict[str, Any],
+) -> None:
+    value = vector["value"]
+    reply = protocol.decode_reply(bytes.fromhex(vector["body_hex"]))
+    if value["ok"]:
+        assert reply.result is not None
+        parsed = PARSERS[vector["name"]](reply.result)
+        assert parsed == EXPECTED_RESULT[vector["name"]](value["result"])
+    else:
+        assert reply.error is not None
+        error = error_from_reply(reply.error, reply.id)
+        assert type(error) is EXPECTED_EXCEPTION[ErrorCode(value["error"]["code"])]
+        assert (error.code, error.message, error.request_id) == (
+            value["error"]["code"],
+            value["error"]["message"],
+            value["id"],
+        )
 
 
 @pytest.mark.parametrize("code", list(ErrorCode))

@@ -22,11 +22,11 @@ from tests.db_fixtures import (  # noqa: F401
     make_config,
     with_database,
 )
-from uro_recs.sdk import batch as batch_module
-from uro_recs.sdk.batch import BatchReport, Scorer, batch_recommend, load_model
-from uro_recs.sdk.db import Database
-from uro_recs.sdk.sync import run_sync
-from uro_recs.worker.model_store import current_version
+from uro_recs.core.db import Database
+from uro_recs.core.model_store import current_version
+from uro_recs.pipeline import batch as batch_module
+from uro_recs.pipeline.batch import BatchReport, Scorer, batch_recommend, load_model
+from uro_recs.pipeline.sync import run_sync
 
 pytestmark = pytest.mark.slow
 N = 5  # per kind, as make_config sets it
@@ -90,7 +90,7 @@ def test_readers_never_see_two_generations_mixed_while_a_new_one_is_written(
     community_database: str,  # noqa: F811
     store: Path,
 ) -> None:
-    from uro_recs.worker.model_store import list_versions
+    from uro_recs.core.model_store import list_versions
 
     older, newer = list_versions(store, "als")[-2:]
     first = run_batch(community_database, store, version=older)

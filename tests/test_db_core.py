@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.db_fixtures import empty_database, with_database  # noqa: F401
-from uro_recs.sdk.db import (
+from uro_recs.core.db import (
     SCHEMA_MIGRATIONS_DDL,
     Database,
     Lease,
@@ -26,10 +26,10 @@ from uro_recs.sdk.db import (
 )
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
+    from uro_recs.core.db import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
-SQL_FOLDERS = (ROOT / "sdk", ROOT / "worker")  # every module that talks to the database
+SQL_FOLDERS = (ROOT / "core", ROOT / "pipeline", ROOT / "worker")  # all that talks to the database
 # What CockroachDB does not run (docs/COCKROACHDB.md), as patterns over upper-cased SQL.
 FORBIDDEN = {
     "SERIAL types": r"\b(SMALL|BIG)?SERIAL\b",
@@ -48,8 +48,8 @@ ALLOWED_COLUMN_TYPES = {"INT8", "INT4", "UUID", "FLOAT8", "TEXT", "TIMESTAMPTZ",
 
 
 def sdk_sql_literals() -> list[str]:
-    """The SQL in the SDK's and the workers' Python: every string literal (f-string parts
-    joined) that starts like a statement."""
+    """The SQL in the Python of core, the pipeline and the workers: every string literal
+    (f-string parts joined) that starts like a statement."""
     found = []
     for path in sorted(p for folder in SQL_FOLDERS for p in folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 def uro_recs(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "URO_RECS_LOG_FORMAT": "json"}
     return subprocess.run(
-        [sys.executable, "-m", "uro_recs.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "uro_recs.app.cli", "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from tests.db_fixtures import empty_database, with_database  # noqa: F401
-from uro_recs.sdk.db import Database, migrate
-from uro_recs.sdk.ingest import Event, EventWriter, InvalidEvent, ingest_events, recent_items
+from uro_recs.core.db import Database, migrate
+from uro_recs.pipeline.ingest import Event, EventWriter, InvalidEvent, ingest_events
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -138,21 +138,3 @@ def test_submitted_events_share_transactions_and_each_caller_hears_its_own_outco
     batches, inserted, stored = with_database(empty_database, group_commit)
     assert batches < 100 / 4  # 100 callers, one write slot: most waited and shared one
     assert (inserted, stored) == (500, 500)
-
-
-def test_a_users_recent_items_are_read_back_for_serving_to_filter(
-    empty_database: str,  # noqa: F811
-) -> None:
-    events = make_events(300)
-    user = events[0].user_id
-    cutoff = START + timedelta(seconds=100)
-
-    async def recent(db: Database) -> dict[str, set[str]]:
-        await migrate(db)
-        await ingest_events(db, events)
-        return await recent_items(db, [user, uuid.uuid4()], since=cutoff)
-
-    found = with_database(empty_database, recent)
-    expected = {str(e.item_id) for e in events if e.user_id == user and e.occurred_at >= cutoff}
-    assert found[str(user)] == expected and expected
-    assert sorted(len(items) for items in found.values())[0] == 0  # the unknown user

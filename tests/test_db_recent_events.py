@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.db_fixtures import empty_database, make_config, wait_until, with_database  # noqa: F401
-from uro_recs.sdk.db import Database, migrate
+from uro_recs.core.db import Database, migrate
 from uro_recs.worker import recent_events
 from uro_recs.worker.recent_events import RecentEvents
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
+    from uro_recs.core.db import Connection
 
 NOW = datetime.now(UTC)
 USERS = [str(uuid.UUID(int=100 + i)) for i in range(5)]
@@ -125,7 +125,7 @@ def test_a_worker_that_cannot_read_recent_events_says_so_and_exits(trained_store
         "URO_RECS_DATABASE_RETRY_ATTEMPTS": "1",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "uro_recs.cli", "worker", "--model", "als"],
+        [sys.executable, "-m", "uro_recs.app.cli", "worker", "--model", "als"],
         env=env,
         capture_output=True,
         text=True,

@@ -25,17 +25,17 @@ from tests.db_fixtures import (  # noqa: F401
     wait_until,
     with_database,
 )
-from uro_recs.sdk import registry
-from uro_recs.sdk.db import Database, DatabaseError, Lease, LeaseHeld
-from uro_recs.sdk.export import export_interactions
-from uro_recs.sdk.sync import SyncReport, run_sync
-from uro_recs.worker.model_store import (
+from uro_recs.core.db import Database, DatabaseError, Lease, LeaseHeld
+from uro_recs.core.model_store import (
     VersionNotFound,
     current_version,
     list_versions,
     verify,
     version_dir,
 )
+from uro_recs.pipeline import registry
+from uro_recs.pipeline.export import export_interactions
+from uro_recs.pipeline.sync import SyncReport, run_sync
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_a_model_below_the_popularity_baseline_is_published_only_when_forced(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import uro_recs.worker.training as training
+    import uro_recs.pipeline.training as training
 
     monkeypatch.setattr(training, "_evaluate", lambda *_args: {"recall@10": 0.0, "ndcg@10": 0.0})
     rejected = sync(community_database, tmp_path, "gated")
@@ -214,7 +214,7 @@ def test_a_killed_sync_leaves_store_and_registry_consistent_and_the_next_one_suc
         f'store = "{tmp_path / "store"}"\nlog_format = "json"\n'
         f'[database]\nurl = "{community_database}"\n[sync]\nmodel = "killed"\n'
     )
-    command = [sys.executable, "-m", "uro_recs.cli", "--config", str(config), "sync"]
+    command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(config), "sync"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with (tmp_path / "sync.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import Reference
+from uro_recs.core.model_store import StoreCorrupt, current_version, verify, version_dir
+from uro_recs.pipeline.training import train_model
 from uro_recs.worker.engine import (
     BadArgument,
     Engine,
@@ -23,9 +25,7 @@ from uro_recs.worker.engine import (
     Unsupported,
     load_engine,
 )
-from uro_recs.worker.libreco_engine import quiet
-from uro_recs.worker.model_store import StoreCorrupt, current_version, verify, version_dir
-from uro_recs.worker.training import train_model
+from uro_recs.worker.libreco_env import quiet
 
 # isort: split
 import tensorflow as tf
@@ -288,7 +288,7 @@ def test_two_tf_models_load_and_answer_in_one_process(
 def test_training_another_tf_model_leaves_loaded_engines_working(
     through_libreco: dict[str, Engine], references: dict[str, Reference]
 ) -> None:
-    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.pipeline.demo_data import make_interactions
 
     users = references["deepfm"].users[:5]
     before = through_libreco["deepfm"].recommend(users, 10, True)
@@ -320,13 +320,37 @@ def test_info_is_msgpack_portable(engines: dict[str, Engine], name: str) -> None
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_warm_up_runs_every_supported_op(engines: dict[str, Engine], name: str) -> None:
-    engines[name].warm_up()
+def test_warm_up_runs_every_supported_op(
+    engines: dict[str, Engine], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engines[name]
+    calls: dict[str, list[tuple[Any, ...]]] = {}
+
+    def spy(op: str) -> Callable[..., Any]:
+        method = getattr(engine, op)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            calls.setdefault(op, []).append(args)
+            return method(*args, **kwargs)
+
+        return record
+
+    for op in ("recommend", "predict", "similar_items"):
+        monkeypatch.setattr(engine, op, spy(op))
+
+    engine.warm_up()
+
+    assert set(calls) == engine.ops
+    # on real ids: a known user, and an unknown one for the cold-start path
+    recommended = {user for users, *_ in calls["recommend"] for user in users}
+    assert any(user in engine._user2id for user in recommended)
+    assert any(user not in engine._user2id for user in recommended)
+    assert all(user in engine._user2id for user, _ in calls["predict"])
 
 
 def test_integer_ids_come_back_as_plain_python_ints(tmp_path: Path) -> None:
-    from uro_recs.worker.demo_data import make_interactions
-    from uro_recs.worker.training import train_and_save
+    from uro_recs.pipeline.demo_data import make_interactions
+    from uro_recs.pipeline.training import train_and_save
 
     data = make_interactions(n_users=100, n_items=150, n_interactions=2_000, seed=5)
     data["user"] = pd.factorize(data["user"])[0] + 1_000
@@ -426,9 +450,9 @@ def _save_deepfm(store: Path, name: str, user_feature: bool = False, **params: A
     from libreco.algorithms import DeepFM
     from libreco.data import DatasetFeat
 
-    from uro_recs.worker.demo_data import make_interactions
-    from uro_recs.worker.model_store import save_version, set_current
-    from uro_recs.worker.training import TrainedModel, popular_items
+    from uro_recs.core.model_store import save_version, set_current
+    from uro_recs.pipeline.demo_data import make_interactions
+    from uro_recs.pipeline.training import TrainedModel, popular_items
 
     data = make_interactions(n_users=150, n_items=300, n_interactions=4_000, seed=11)
     data["user_group"] = data["user"].str[0]  # a categorical user feature, when asked for

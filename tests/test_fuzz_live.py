@@ -12,7 +12,7 @@ import zmq
 
 from tests.cluster import Cluster
 from tests.hostile import hostile_message
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 MESSAGES = int(os.environ.get("URO_RECS_FUZZ_MESSAGES", "50000"))
 MAX_BYTES = 64 * 1024  # small, so bodies around the limit are cheap to send many of

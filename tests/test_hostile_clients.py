@@ -26,7 +26,7 @@ from perf.attacks import (
     rss_mib,
 )
 from tests.cluster import Cluster
-from uro_recs import protocol
+from uro_recs.core import protocol
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,9 +13,9 @@ import pytest
 from tests.cluster import Cluster
 from tests.db_fixtures import TcpProxy, empty_database, proxy, with_database  # noqa: F401
 from tests.test_db_ingest import START, count_events, make_events
-from uro_recs import protocol
+from uro_recs.core import protocol
+from uro_recs.core.db import migrate
 from uro_recs.sdk import AsyncClient, Client, Event, InvalidEvent, RetryPolicy, Unavailable
-from uro_recs.sdk.db import migrate
 
 
 def migrated(url: str) -> str:

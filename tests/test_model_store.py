@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from uro_recs.worker.model_store import (
+from uro_recs.core.model_store import (
     Manifest,
     StoreCorrupt,
     StoreError,

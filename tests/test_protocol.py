@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
-from uro_recs import protocol
-from uro_recs.protocol import ErrorCode, ProtocolError
+from uro_recs.core import protocol
+from uro_recs.core.protocol import ErrorCode, ProtocolError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "docs/vectors/v1.json").read_text())
 MAX_BYTES = 1 << 20
@@ -18,6 +19,51 @@ MAX_BYTES = 1 << 20
 
 def _by_name(section: str) -> list[Any]:
     return [pytest.param(v, id=v["name"]) for v in VECTORS[section]]
+
+
+# The args each op takes (docs/PROTOCOL.md, section 3): a vector arg outside these would be
+# ignored by the decoder and by `_typed_args` alike, so it is refused here.
+OP_ARGS = {
+    "recommend": {"user", "users", "n", "filter_consumed", "exclude"},
+    "predict": {"user", "items"},
+    "similar_items": {"item", "n"},
+    "rollout": {"version"},
+    "ingest": {"events"},
+}
+
+
+def _typed_args(op: str, args: dict[str, Any]) -> protocol.OpArgs:
+    """The vector's args as the decoder must type them, with PROTOCOL.md's defaults."""
+    assert set(args) <= OP_ARGS.get(op, set()), f"{op} does not take {sorted(args)}"
+    if op == "recommend":
+        many = "users" in args
+        return protocol.RecommendArgs(
+            users=tuple(args["users"]) if many else (args["user"],),
+            many=many,
+            n=args.get("n", 10),
+            filter_consumed=args.get("filter_consumed", True),
+            exclude=frozenset(args.get("exclude", [])),
+        )
+    if op == "predict":
+        return protocol.PredictArgs(user=args["user"], items=tuple(args["items"]))
+    if op == "similar_items":
+        return protocol.SimilarItemsArgs(item=args["item"], n=args.get("n", 10))
+    if op == "rollout":
+        return protocol.RolloutArgs(version=args["version"])
+    if op == "ingest":
+        events = (
+            protocol.IngestEvent(
+                user_id=uuid.UUID(e["user_id"]),
+                item_kind=e["item_kind"],
+                item_id=uuid.UUID(e["item_id"]),
+                event=e["event"],
+                occurred_at_us=e["occurred_at_us"],
+                weight=float(e.get("weight", 1.0)),
+            )
+            for e in args["events"]
+        )
+        return protocol.IngestArgs(tuple(events))
+    return protocol.NoArgs()
 
 
 @pytest.mark.parametrize("vector", _by_name("requests"))
@@ -29,6 +75,7 @@ def test_request_vector_decodes_to_its_value(vector: dict[str, Any]) -> None:
     assert request.op == value["op"]
     assert request.model == value.get("model")
     assert request.timeout_ms == value.get("timeout_ms")
+    assert request.args == _typed_args(value["op"], value.get("args", {}))
 
 
 @pytest.mark.parametrize("vector", _by_name("requests"))

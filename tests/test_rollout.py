@@ -15,12 +15,12 @@ import pytest
 import zmq
 
 from tests.cluster import Cluster
-from uro_recs import protocol
-from uro_recs.config import load_config
-from uro_recs.rollout import previous_version, rollout
-from uro_recs.worker.engine import load_engine
-from uro_recs.worker.model_store import current_version
-from uro_recs.worker.training import train_and_save
+from uro_recs.app.rollout import previous_version, rollout
+from uro_recs.core import protocol
+from uro_recs.core.config import load_config
+from uro_recs.core.model_store import current_version
+from uro_recs.pipeline.training import train_and_save
+from uro_recs.worker.engine import Engine, Id, load_engine
 
 NEW_VERSION = "2026-11-28T000000Z"
 
@@ -82,12 +82,27 @@ class SteadyLoad:
         return float(np.percentile(window, 99) * 1000)
 
 
+def answers_of(engine: Engine, users: list[str]) -> dict[str, list[Id]]:
+    return {u: rec.items for u, rec in zip(users, engine.recommend(users, 10, True), strict=True)}
+
+
+def served(cluster: Cluster, users: list[str]) -> list[list[Id]]:
+    replies = [cluster.call("recommend", model="als", args={"user": u, "n": 10}) for u in users]
+    return [reply["result"]["items"] for reply in replies]
+
+
 def test_rollout_and_rollback_under_load_fail_no_request(
     two_version_store: Path, demo_users: list[str]
 ) -> None:
     with Cluster(two_version_store, {"als": 2}).start() as cluster:
         config = load_config(cluster.config_path)
         old = current_version(two_version_store, "als")
+        old_answers = answers_of(load_engine(two_version_store, "als", old), demo_users)
+        new_answers = answers_of(load_engine(two_version_store, "als", NEW_VERSION), demo_users)
+        # Users the two versions answer differently: what shows which one serves.
+        telling = [u for u in demo_users if old_answers[u] != new_answers[u]][:10]
+        assert telling, "the two versions answer every user alike"
+        assert served(cluster, telling) == [old_answers[u] for u in telling]
         load = SteadyLoad(cluster.client_endpoint, demo_users)
         load.thread.start()
         time.sleep(2.0)
@@ -99,15 +114,12 @@ def test_rollout_and_rollback_under_load_fail_no_request(
         assert current_version(two_version_store, "als") == NEW_VERSION
 
         # Answers now come from the new version.
-        new_engine = load_engine(two_version_store, "als", NEW_VERSION)
-        expected = new_engine.recommend(demo_users[:5], 10, True)
-        for user, rec in zip(demo_users[:5], expected, strict=True):
-            reply = cluster.call("recommend", model="als", args={"user": user, "n": 10})
-            assert reply["result"]["items"] == rec.items
+        assert served(cluster, telling) == [new_answers[u] for u in telling]
 
         assert previous_version(config, "als") == old
         back = rollout(config, "als", previous_version(config, "als"), timeout_s=60)
         assert back["to"] == old
+        assert served(cluster, telling) == [old_answers[u] for u in telling]
         time.sleep(1.0)
         load.stop.set()
         load.thread.join(timeout=30)
@@ -145,7 +157,14 @@ def test_rollout_command_defaults_to_the_sync_model_and_its_current_version(
 ) -> None:
     with Cluster(trained_store, {"als": 1}).start() as cluster:
         done = subprocess.run(
-            [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path), "rollout"],
+            [
+                sys.executable,
+                "-m",
+                "uro_recs.app.cli",
+                "--config",
+                str(cluster.config_path),
+                "rollout",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -27,11 +27,10 @@ import zmq
 
 from tests.cluster import Cluster
 from tests.conftest import TRAINED_VERSION
-from uro_recs import protocol
-from uro_recs.config import Config, load_config
-from uro_recs.protocol import ErrorCode
-from uro_recs.rollout import RolloutError, rollout
-from uro_recs.worker.model_store import (
+from uro_recs.app.rollout import RolloutError, rollout
+from uro_recs.core import protocol
+from uro_recs.core.config import Config, load_config
+from uro_recs.core.model_store import (
     MANIFEST_NAME,
     StoreCorrupt,
     check_version_name,
@@ -39,6 +38,7 @@ from uro_recs.worker.model_store import (
     set_current,
     verify,
 )
+from uro_recs.core.protocol import ErrorCode
 
 BROKEN = "2026-11-29T000000Z"  # verifies, but its manifest's n_users is not the model's
 CORRUPT = "2026-11-30T000000Z"  # a file differs from its checksum
@@ -98,7 +98,7 @@ class Run:
 
 
 def cli_rollout(cluster: Cluster, *args: str) -> Run:
-    command = [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path)]
+    command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(cluster.config_path)]
     started = time.monotonic()
     done = subprocess.run([*command, "rollout", *args], capture_output=True, text=True, timeout=120)
     lines = done.stderr.splitlines()

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
-from uro_recs.run_lock import EXIT_IN_USE, LOCK_NAME, RunDirInUse, lock_run_dir, recorded_pid
+from uro_recs.core.run_lock import EXIT_IN_USE, LOCK_NAME, RunDirInUse, lock_run_dir, recorded_pid
 
 # Tries the lock in a fresh process: prints "locked" (then holds it until stdin closes) or
 # "in use by <pid>".
 TRY_LOCK = r"""
 import sys
 from pathlib import Path
-from uro_recs.run_lock import RunDirInUse, lock_run_dir
+from uro_recs.core.run_lock import RunDirInUse, lock_run_dir
 try:
     lock = lock_run_dir(Path(sys.argv[1]))
 except RunDirInUse as error:
@@ -109,7 +109,7 @@ def test_a_second_broker_on_a_live_run_dir_exits_and_the_first_keeps_serving(
         wait_until_serving(cluster)
         assert cluster.broker is not None
         first = cluster.broker.pid
-        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path)]
+        command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(cluster.config_path)]
         started = time.monotonic()
         second = subprocess.run([*command, "broker"], capture_output=True, text=True, timeout=60)
         took_s = time.monotonic() - started
@@ -132,7 +132,7 @@ def test_serve_on_a_live_run_dir_exits_with_the_brokers_reason_and_starts_no_wor
         config = cluster.root / "serve.toml"
         text = cluster.config_path.read_text()
         config.write_text(text + '[[models]]\nname = "als"\nworkers = 1\n')
-        command = [sys.executable, "-m", "uro_recs.cli", "--config", str(config), "serve"]
+        command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(config), "serve"]
         started = time.monotonic()
         serve = subprocess.run(command, capture_output=True, text=True, timeout=60)
         took_s = time.monotonic() - started

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
-from uro_recs.sdnotify import Notifier, notify_address, watchdog_interval_s
+from uro_recs.core.sdnotify import Notifier, notify_address, watchdog_interval_s
 
 WATCHDOG_S = 0.5
 # The loops wake at least once per heartbeat, so the heartbeat must be well under half the
@@ -148,7 +148,14 @@ def spawn(
     env = {**os.environ, "NOTIFY_SOCKET": notify.address}
     if watchdog:
         env["WATCHDOG_USEC"] = str(int(WATCHDOG_S * 1_000_000))
-    command = [sys.executable, "-m", "uro_recs.cli", "--config", str(cluster.config_path), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "uro_recs.app.cli",
+        "--config",
+        str(cluster.config_path),
+        *args,
+    ]
     with (cluster.root / f"{args[0]}-notified.log").open("wb") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 

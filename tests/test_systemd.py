@@ -29,9 +29,9 @@ import msgpack
 import pytest
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig
-from uro_recs.install import UNITS
+from uro_recs.app.install import UNITS
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig
 
 SYSTEMD = next(
     (p for p in (Path("/usr/lib/systemd/systemd"), Path("/lib/systemd/systemd")) if p.exists()),
@@ -189,7 +189,7 @@ def test_broker_makes_client_socket_group_accessible_and_the_others_owner_only(
 
 
 def test_client_socket_mode_must_be_octal() -> None:
-    from uro_recs.config import ConfigError
+    from uro_recs.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="client_socket_mode"):
         BrokerConfig(client_socket_mode="660x")
@@ -198,7 +198,7 @@ def test_client_socket_mode_must_be_octal() -> None:
 
 
 def test_worker_instance_names_the_model() -> None:
-    from uro_recs.cli import worker_instance_model
+    from uro_recs.app.cli import worker_instance_model
 
     assert worker_instance_model("als-1") == "als"
     assert worker_instance_model("two-towers-12") == "two-towers"
@@ -224,7 +224,7 @@ def staged_root(tmp_path: Path) -> Path:
 
 
 def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "uro_recs.cli", "install-systemd", f"--root={root}"]
+    command = [sys.executable, "-m", "uro_recs.app.cli", "install-systemd", f"--root={root}"]
     command += [f"--exec={VENV}/bin/uro-recs", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
 
@@ -272,7 +272,7 @@ def test_install_again_keeps_config_and_members_and_follows_the_models(
 
 
 def test_install_refuses_an_executable_that_protect_home_hides(tmp_path: Path) -> None:
-    from uro_recs.install import paths_hidden_by_protect_home
+    from uro_recs.app.install import paths_hidden_by_protect_home
 
     script = tmp_path / "uro-recs"
     script.write_text("#!/root/venv/bin/python\n")
@@ -452,7 +452,7 @@ def prepare_root(work: Path, store: Path) -> dict[str, str]:
     site_packages = f"{VENV}/lib/{PYTHON}/site-packages"
     executable = venv / "bin/uro-recs"
     executable.write_text(
-        f"#!{VENV}/bin/python\nimport sys\nfrom uro_recs.cli import main\nsys.exit(main())\n"
+        f"#!{VENV}/bin/python\nimport sys\nfrom uro_recs.app.cli import main\nsys.exit(main())\n"
     )
     executable.chmod(0o755)
 

@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig, DatabaseConfig, WorkerConfig
-from uro_recs.worker import ingest
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig, DatabaseConfig, WorkerConfig
+from uro_recs.pipeline import ingest_worker as ingest
+from uro_recs.pipeline.ingest_worker import IngestWorker
 from uro_recs.worker.engine import Engine, Recommendation, RecommendQuery, load_engine
-from uro_recs.worker.ingest import IngestWorker
 from uro_recs.worker.loop import WorkerLoop
 from uro_recs.worker.service import WorkerService
 
@@ -473,6 +473,56 @@ def test_draining_worker_answers_what_it_could_not_finish_when_the_drain_time_is
         assert reply["error"]["code"] == "unavailable" and reply["error"]["retry"] is True
         assert "stopped before it could finish" in reply["error"]["message"]
         assert sum(model.calls) < 1000
+
+
+# --- [worker] max_batch_delay_ms: requests arriving together share one model call -----------
+
+
+def test_requests_arriving_within_the_batch_delay_share_one_model_call(
+    broker: FakeBroker, engine: Engine, all_users: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = slowed(engine, monkeypatch, seconds_per_user=0)
+    with running(als_service(engine, broker, max_batch_delay_ms=500), broker):
+        sent = time.monotonic()
+        first = broker.request(1, "recommend", {"user": all_users[0]})
+        time.sleep(0.05)
+        second = broker.request(2, "recommend", {"user": all_users[1]})
+        replies = broker.replies(2)
+        answered = time.monotonic()
+    assert {seq for seq, reply in replies if reply["ok"]} == {first, second}
+    assert model.calls == [2]
+    assert answered - sent >= 0.5  # it waited out the delay for a third
+
+
+def test_a_batch_that_fills_the_slots_does_not_wait_out_the_delay(
+    broker: FakeBroker, engine: Engine, all_users: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = slowed(engine, monkeypatch, seconds_per_user=0)
+    with running(als_service(engine, broker, max_batch_delay_ms=5000, slots=2), broker):
+        sent = time.monotonic()
+        broker.request(1, "recommend", {"user": all_users[0]})
+        broker.request(2, "recommend", {"user": all_users[1]})
+        replies = broker.replies(2, timeout_s=4)
+        answered = time.monotonic()
+    assert all(reply["ok"] for _, reply in replies)
+    assert model.calls == [2]
+    assert answered - sent < 2.5
+
+
+def test_a_worker_with_no_batch_delay_answers_a_lone_request_at_once(
+    broker: FakeBroker, engine: Engine, all_users: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = slowed(engine, monkeypatch, seconds_per_user=0)
+    with running(als_service(engine, broker, max_batch_delay_ms=0), broker):
+        sent = time.monotonic()
+        broker.request(1, "recommend", {"user": all_users[0]})
+        ((_, reply),) = broker.replies(1)
+        waited = time.monotonic() - sent
+        broker.request(2, "recommend", {"user": all_users[1]})
+        broker.replies(1)
+    assert reply["ok"] is True
+    assert model.calls == [1, 1]
+    assert waited < 0.25
 
 
 # --- the ingest worker answers every job it hands to its asyncio thread exactly once ---------

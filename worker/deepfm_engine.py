@@ -13,8 +13,8 @@ graph. DeepFM's output is a sum of parts that mostly split into a user half and 
 So at load this engine computes, per item, a constant, E_item and the item half of the first
 dense layer; per request, per user, only `relu(H_item + c_user)` and what follows it depends
 on both. With libreco's [64, 32] hidden units the last layer, its batch norm and w_deep fold
-into one vector, leaving an add, a relu and a matrix-vector product per user: about 13 times
-less time than libreco's graph on the 1,200-item test model (8 times on the 48k-item one).
+into one vector, leaving an add, a relu and a matrix-vector product per user (what that saves
+against libreco's graph: `python -m perf.bench`).
 
 Only the DeepFM shape uro-recs trains is served here: categorical item features (one value
 each), no user features, no numeric features, task "ranking". `load_deepfm_engine` returns
@@ -38,9 +38,9 @@ import structlog
 from scipy.special import expit  # type: ignore[import-untyped]
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
 from uro_recs.worker.engine import Id
-from uro_recs.worker.model_store import Manifest, StoreCorrupt
-from uro_recs.worker.numpy_engine import FILE_STEM, NumpyEngine, SavedData, read_saved_data
+from uro_recs.worker.numpy_engine import NumpyEngine, SavedData, read_saved_data
 
 log = structlog.get_logger(__name__)
 
@@ -227,7 +227,7 @@ def load_deepfm_engine(directory: Path, manifest: Manifest, threads: int) -> Dee
     if reason is not None:
         log.info("deepfm_served_by_libreco", model=manifest.model, reason=reason)
         return None
-    path = directory / f"{FILE_STEM}_tf_variables.npz"
+    path = directory / f"{MODEL_FILE_STEM}_tf_variables.npz"
     try:
         with np.load(path) as archive:
             variables = {name: archive[name] for name in archive.files}
@@ -238,7 +238,7 @@ def load_deepfm_engine(directory: Path, manifest: Manifest, threads: int) -> Dee
 
 def _name_mapping_columns(directory: Path) -> set[str]:
     """The column groups the model's data has ("sparse_col", "user_dense_col", ...)."""
-    path = directory / f"{FILE_STEM}_data_info_name_mapping.json"
+    path = directory / f"{MODEL_FILE_STEM}_data_info_name_mapping.json"
     try:
         return set(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:

@@ -14,9 +14,9 @@ import numpy.typing as npt
 from scipy.special import expit  # type: ignore[import-untyped]
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
 from uro_recs.worker.engine import Id, unit_rows
-from uro_recs.worker.model_store import Manifest, StoreCorrupt
-from uro_recs.worker.numpy_engine import FILE_STEM, NumpyEngine, SavedData, read_saved_data
+from uro_recs.worker.numpy_engine import NumpyEngine, SavedData, read_saved_data
 
 
 class EmbeddingEngine(NumpyEngine):
@@ -64,12 +64,16 @@ def load_embedding_engine(directory: Path, manifest: Manifest, threads: int) -> 
     threadpool_limits(limits=threads)
     saved = read_saved_data(directory)
     try:
-        with np.load(directory / f"{FILE_STEM}.npz") as variables:
+        with np.load(directory / f"{MODEL_FILE_STEM}.npz") as variables:
             user_embeds = np.asarray(variables["user_embed"], dtype=np.float32)
             item_embeds = np.asarray(variables["item_embed"], dtype=np.float32)
     except (OSError, KeyError, ValueError) as exc:
-        raise StoreCorrupt(directory, f"{FILE_STEM}.npz", f"cannot read embeddings: {exc}") from exc
+        raise StoreCorrupt(
+            directory, f"{MODEL_FILE_STEM}.npz", f"cannot read embeddings: {exc}"
+        ) from exc
     n_users, n_items = len(saved.user_ids), len(saved.item_ids)
     if user_embeds.shape[0] != n_users + 1 or item_embeds.shape[0] != n_items + 1:
-        raise StoreCorrupt(directory, f"{FILE_STEM}.npz", "embedding rows do not match the ids")
+        raise StoreCorrupt(
+            directory, f"{MODEL_FILE_STEM}.npz", "embedding rows do not match the ids"
+        )
     return EmbeddingEngine(manifest, saved, user_embeds, item_embeds)

@@ -1,9 +1,10 @@
 """What the worker loop calls: one verified model version behind a small API.
 
 Implementations of `Engine`:
-- the numpy engines (worker/numpy_engine.py) score straight from libreco's saved files, with
-  no libreco, TensorFlow or torch in the process: `EmbeddingEngine` (ALS: a batch of users is
-  one matrix product plus a partial sort) and `DeepFMEngine` (item-side work done at load);
+- the numpy engines score straight from libreco's saved files, with no libreco, TensorFlow or
+  torch in the process: `EmbeddingEngine` (worker/embedding_engine.py; ALS: a batch of users
+  is one matrix product plus a partial sort) and `DeepFMEngine` (worker/deepfm_engine.py;
+  item-side work done at load), on what worker/numpy_engine.py reads and shares;
 - `LibrecoEngine` (worker/libreco_engine.py) loads the model with libreco and calls its
   `recommend_user` / `predict`: any model, and the baseline the others are checked against.
 All answer what libreco's `recommend_user` answers for the same saved model; the tests hold
@@ -24,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from uro_recs.worker.model_store import Id as Id  # re-exported: the API speaks in Ids
-from uro_recs.worker.model_store import (
+from uro_recs.core.model_store import Id as Id  # re-exported: the API speaks in Ids
+from uro_recs.core.model_store import (
     Manifest,
     StoreCorrupt,
     current_version,
@@ -35,8 +36,6 @@ from uro_recs.worker.model_store import (
 
 log = structlog.get_logger(__name__)
 
-# Upper bound on user x item scores computed in one call (a memory guard for large batches).
-MAX_SCORES_PER_CALL: Final = 4_000_000
 _WARM_UP_ROUNDS: Final = 3
 
 
@@ -79,6 +78,10 @@ class Engine:
     implement `recommend_batch` and `predict`. Not thread-safe: one engine, one thread.
     """
 
+    # Upper bound on user x item scores computed in one call: a memory guard for large
+    # batches (numpy engines hold one float32 matrix of that many scores).
+    max_scores_per_call: int = 4_000_000
+
     def __init__(
         self,
         manifest: Manifest,
@@ -100,7 +103,7 @@ class Engine:
         self._popular: list[Id] = list(dict.fromkeys(manifest.popular_items))
         self._unit_items = unit_items
         # Users one model call scores well at once; the worker splits larger batches.
-        self.users_per_call = max(1, MAX_SCORES_PER_CALL // max(1, self.n_items))
+        self.users_per_call = max(1, self.max_scores_per_call // max(1, self.n_items))
         ops = {"recommend", "predict"} | ({"similar_items"} if unit_items is not None else set())
         self.ops = frozenset(ops)
 

@@ -4,18 +4,15 @@ Serves any model class libreco saved: the baseline the numpy engines are checked
 what serves a model when the fast path is off or a DeepFM uses features the numpy engine
 does not compute. Each batch costs as few libreco calls as its mix of options allows.
 
-Importing this module quietens TensorFlow (it sets TF_CPP_MIN_LOG_LEVEL=2 unless already set,
-which only works before TensorFlow is first imported). BLAS and OpenMP thread pools are
-capped at load time with threadpoolctl; a worker that wants them capped from the very start
-should also set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS in its environment before it starts.
+TensorFlow and libreco come through `libreco_env`, which quietens TensorFlow before its
+first import. BLAS and OpenMP thread pools are capped at load time; a worker that wants them
+capped from the very start should also set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS in its
+environment before it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +20,8 @@ from typing import Any, Final
 
 import numpy as np
 import structlog
-import torch
-from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest
 from uro_recs.worker.engine import (
     Engine,
     EngineError,
@@ -34,31 +30,19 @@ from uro_recs.worker.engine import (
     RecommendQuery,
     unit_rows,
 )
-from uro_recs.worker.model_store import (
-    Manifest,
-)
+from uro_recs.worker.libreco_env import limit_threads, quiet, tf, tf_session_config
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # reads TF_CPP_MIN_LOG_LEVEL when first imported
-
-# libreco calls tf.disable_v2_behavior() on import, which logs deprecation warnings.
-tf.get_logger().setLevel("ERROR")
-from libreco.algorithms import ALS, DeepFM  # noqa: E402
-from libreco.bases import EmbedBase, TfBase  # noqa: E402
-from libreco.data import DataInfo  # noqa: E402
-from libreco.utils.save_load import load_tf_variables  # noqa: E402
+# isort: split
+from libreco.algorithms import ALS, DeepFM
+from libreco.bases import EmbedBase, TfBase
+from libreco.data import DataInfo
+from libreco.utils.save_load import load_tf_variables
 
 log = structlog.get_logger(__name__)
 
-# libreco's file names inside a version directory start with this stem.
-LIBRECO_FILE_STEM: Final = "model"
 LIBRECO_CLASSES: Final[dict[str, type[Any]]] = {"ALS": ALS, "DeepFM": DeepFM}
-# Upper bound on user x item scores one libreco recommend call may compute. A memory guard:
-# libreco builds feature tensors per (user, item) pair for TF models, about 3 KB each.
-MAX_SCORES_PER_CALL: Final = 1_000_000
-# TF models: libreco's per-user cost grows with the users in one call (at 3k items 2.1 ms a
-# user alone, 1.9 ms in calls of 4, 3.6 ms in calls of 64; at 48k items 25, 29 and 126 ms
-# in calls of 1, 4 and 20), so a batch is served in calls of a few users.
+# TF models: libreco's cost per user grows with the users in one call past a few (it builds
+# feature tensors for every user-item pair at once), so a batch is served in calls of a few.
 TF_USERS_PER_CALL: Final = 4
 
 
@@ -73,6 +57,9 @@ class _Pending:
 class LibrecoEngine(Engine):
     """A model loaded with libreco. Not thread-safe: use one engine from one thread."""
 
+    # libreco builds feature tensors per (user, item) pair for TF models, about 3 KB each.
+    max_scores_per_call = 1_000_000
+
     def __init__(self, manifest: Manifest, model: Any, data_info: Any, graph: Any) -> None:
         unit_items = unit_rows(model.get_item_embedding()) if _has_embeddings(model) else None
         item_ids = [data_info.id2item[i] for i in range(data_info.n_items)]
@@ -80,7 +67,6 @@ class LibrecoEngine(Engine):
         self._model = model
         self.libreco_model = model  # for in-process baselines; serving goes through the methods
         self._graph = graph
-        self.users_per_call = max(1, MAX_SCORES_PER_CALL // self.n_items)
         if graph is not None:
             self.users_per_call = min(self.users_per_call, TF_USERS_PER_CALL)
 
@@ -172,53 +158,16 @@ def load_libreco_engine(directory: Path, manifest: Manifest, threads: int) -> Li
     graph = tf.Graph() if issubclass(model_class, TfBase) else None
     path = str(directory)
     with quiet(stderr=True):  # libreco prints parameter counts, TF warns about deprecations
-        data_info = DataInfo.load(path, LIBRECO_FILE_STEM)
+        data_info = DataInfo.load(path, MODEL_FILE_STEM)
         if graph is None:
-            model = model_class.load(path, LIBRECO_FILE_STEM, data_info)
+            model = model_class.load(path, MODEL_FILE_STEM, data_info)
         else:
             # Same as model_class.load(..., manual=True), except that the session gets our
             # thread settings instead of the ones saved with the training hyperparameters.
             factory = _with_session_config(model_class, tf_session_config(threads))
             with graph.as_default():
-                model = load_tf_variables(factory, path, LIBRECO_FILE_STEM, data_info)
+                model = load_tf_variables(factory, path, MODEL_FILE_STEM, data_info)
     return LibrecoEngine(manifest, model, data_info, graph)
-
-
-def tf_session_config(threads: int) -> dict[str, object]:
-    """The ConfigProto fields libreco's `tf_sess_config` takes, for `threads` CPU threads."""
-    return {
-        "intra_op_parallelism_threads": threads,
-        "inter_op_parallelism_threads": threads,
-        "allow_soft_placement": True,
-    }
-
-
-def limit_threads(threads: int) -> None:
-    """Cap the process's BLAS/OpenMP pools and torch's intra-op pool at `threads`."""
-    threadpool_limits(limits=threads)
-    torch.set_num_threads(threads)
-
-
-class _Discard(io.StringIO):
-    def write(self, text: str) -> int:
-        return len(text)
-
-
-@contextlib.contextmanager
-def quiet(stderr: bool = False) -> Iterator[None]:
-    """Swallow what libreco prints to stdout (and, with stderr, tqdm bars and warnings).
-
-    This swaps sys.stdout and the warning filters for the whole process: use it from one
-    thread only, and log nothing inside it.
-    """
-    sink = _Discard()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(contextlib.redirect_stdout(sink))
-        if stderr:
-            stack.enter_context(contextlib.redirect_stderr(sink))
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-        yield
 
 
 def _with_session_config(model_class: type[Any], config: dict[str, object]) -> Callable[..., Any]:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig, WorkerConfig
-from uro_recs.protocol import ErrorCode, ProtocolError, RequestId
-from uro_recs.wakeup import Wakeup
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig, WorkerConfig
+from uro_recs.core.protocol import ErrorCode, ProtocolError, RequestId
+from uro_recs.core.wakeup import Wakeup
 
 log = structlog.get_logger("uro_recs.worker")
 
@@ -55,8 +55,9 @@ class WorkerLoop:
         self.name = name
         self.endpoint = endpoint
         self.config = config
-        self.heartbeat_s = broker.heartbeat_ms / 1000
-        self.liveness_s = self.heartbeat_s * broker.liveness
+        self.heartbeat_s = broker.heartbeat_s
+        self.liveness_s = broker.liveness_s
+        self.busy_slice_s = broker.busy_slice_s
         self.max_message_bytes = broker.max_message_bytes
         self.context = context or zmq.Context.instance()
         self.identity = f"{name}-{os.getpid()}".encode()

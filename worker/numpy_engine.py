@@ -18,16 +18,15 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
 from uro_recs.worker.engine import Engine, Id, Recommendation, RecommendQuery
-from uro_recs.worker.model_store import Manifest, StoreCorrupt
 
 # libreco's file names inside a version directory start with this stem.
-FILE_STEM: Final = "model"
 
 
 @dataclass(frozen=True)
@@ -50,17 +49,19 @@ def read_saved_data(directory: Path, arrays: Sequence[str] = ()) -> SavedData:
     names = ("user_unique_vals", "item_unique_vals", *arrays)
     try:
         # The id arrays are object arrays (pickled); the checksums were verified before this.
-        with np.load(directory / f"{FILE_STEM}_data_info.npz", allow_pickle=True) as info:
+        with np.load(directory / f"{MODEL_FILE_STEM}_data_info.npz", allow_pickle=True) as info:
             read = {name: info[name] for name in names}
-        with (directory / f"{FILE_STEM}_user_consumed.pkl").open("rb") as fh:
+        with (directory / f"{MODEL_FILE_STEM}_user_consumed.pkl").open("rb") as fh:
             consumed = pickle.load(fh)
         user_consumed = {int(u): np.asarray(v, dtype=np.int64) for u, v in consumed.items()}
-        hyper = json.loads((directory / f"{FILE_STEM}_hyper_parameters.json").read_text())
+        hyper = json.loads((directory / f"{MODEL_FILE_STEM}_hyper_parameters.json").read_text())
         return SavedData(
             read["user_unique_vals"], read["item_unique_vals"], user_consumed, hyper, read
         )
     except (OSError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as exc:
-        raise StoreCorrupt(directory, f"{FILE_STEM}_data_info.npz", f"cannot read: {exc}") from exc
+        raise StoreCorrupt(
+            directory, f"{MODEL_FILE_STEM}_data_info.npz", f"cannot read: {exc}"
+        ) from exc
 
 
 class NumpyEngine(Engine):

@@ -16,6 +16,7 @@ only ever reads `items_of`: each user's set is a frozenset replaced whole, never
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from datetime import UTC, datetime, timedelta
@@ -23,9 +24,10 @@ from typing import Any, Final
 
 import structlog
 
-from uro_recs.config import DatabaseConfig
-from uro_recs.sdk.db import Database
-from uro_recs.worker.model_store import Manifest
+from uro_recs.core.config import DatabaseConfig
+from uro_recs.core.db import Database
+from uro_recs.core.model_store import Manifest
+from uro_recs.worker.async_thread import AsyncThread
 
 log = structlog.get_logger("uro_recs.worker.recent_events")
 
@@ -65,21 +67,27 @@ class RecentEvents:
         self._reset_to: datetime | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
-        self._loop = asyncio.new_event_loop()
+        self._async = AsyncThread("recent-events")
+        self._reading: concurrent.futures.Future[None] | None = None
         self._stop = asyncio.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="recent-events")
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start reading; return once everything since the export is in (or raise why not)."""
-        self._thread.start()
+        self._async.start()
+        self._reading = self._async.submit(self._run())
         if not self._ready.wait(timeout_s):
             raise TimeoutError(f"recent events not read within {timeout_s} s")
         if self._failure is not None:
             raise self._failure
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
+        """Stop reading; waits for the reader to close its connection (10 s at most)."""
+        if self._async.is_alive():
+            self._async.call_soon(self._stop.set)
+            with contextlib.suppress(Exception):
+                if self._reading is not None:
+                    self._reading.result(timeout=10)
+        self._async.stop()
 
     def items_of(self, user: object) -> frozenset[str] | None:
         """The items `user` had events with since the export, or None."""
@@ -95,9 +103,9 @@ class RecentEvents:
 
     # --- the reading thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         try:
-            self._loop.run_until_complete(self._read_forever())
+            await self._read_forever()
         except BaseException as exc:
             self._failure = exc
             self._ready.set()

@@ -22,9 +22,9 @@ from typing import Any
 import structlog
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig, WorkerConfig
-from uro_recs.protocol import (
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig, WorkerConfig
+from uro_recs.core.protocol import (
     ErrorCode,
     PredictArgs,
     RecommendArgs,
@@ -219,11 +219,11 @@ class WorkerService(WorkerLoop):
         return chosen
 
     def _call_users(self) -> int:
-        """Users in one model call: the engine's memory cap, and no more than take half a
-        heartbeat interval at the speed measured so far, so busy never looks dead."""
+        """Users in one model call: the engine's memory cap, and no more than fit in the
+        busy slice (half a heartbeat interval) at the speed measured so far."""
         if self._seconds_per_user <= 0:  # not measured yet: a small first call measures it
             return min(self.engine.users_per_call, FIRST_CALL_USERS)
-        by_time = int(self.heartbeat_s / 2 / self._seconds_per_user)
+        by_time = int(self.busy_slice_s / self._seconds_per_user)
         return max(1, min(self.engine.users_per_call, by_time))
 
     def _expire(self) -> None:

@@ -1,7 +1,7 @@
 defmodule UroRecs.TestCluster do
   @moduledoc """
   The real sidecar for integration tests: models trained and a broker and workers started
-  through the Python CLI (`python -m uro_recs.cli`), as separate OS processes that tests can
+  through the Python CLI (`python -m uro_recs.app.cli`), as separate OS processes that tests can
   signal. The Python interpreter is `URO_RECS_PYTHON` (the Makefile points it at the
   project's virtualenv); the repository root is two levels above sdk/elixir.
 
@@ -170,7 +170,7 @@ defmodule UroRecs.TestCluster do
     :ok
   end
 
-  defp cli(config, args), do: ["-m", "uro_recs.cli", "--config", config | args]
+  defp cli(config, args), do: ["-m", "uro_recs.app.cli", "--config", config | args]
 
   defp spawn_cli(cluster, args, log_name) do
     log = Path.join(cluster.dir, "#{log_name}-#{System.unique_integer([:positive])}.log")

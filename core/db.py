@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar
 import asyncpg
 import structlog
 
-from uro_recs.config import DatabaseConfig
-from uro_recs.protocol import ITEM_KINDS as ITEM_KINDS  # re-exported for the sync path
+from uro_recs.core.config import DatabaseConfig
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -209,7 +208,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     """The SQL migrations shipped in the package, oldest first (`NNNN_name.sql`)."""
     found = []
-    for entry in resources.files("uro_recs.sdk.migrations").iterdir():
+    for entry in resources.files("uro_recs.core.migrations").iterdir():
         if not entry.name.endswith(".sql"):
             continue
         number, _, rest = entry.name.partition("_")

@@ -14,7 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-ITEM_KINDS = ("avatar", "map", "prop")
+from uro_recs.core.protocol import ITEM_KINDS
+
 N_TOPICS = 20
 HISTORY_DAYS = 90
 # A fixed end keeps the data identical from run to run, not only from seed to seed.

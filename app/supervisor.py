@@ -18,10 +18,10 @@ from pathlib import Path
 
 import structlog
 
-from uro_recs.config import Config
-from uro_recs.run_lock import EXIT_IN_USE, recorded_pid
+from uro_recs.core.config import Config
+from uro_recs.core.run_lock import EXIT_IN_USE, recorded_pid
 
-log = structlog.get_logger("uro_recs.supervisor")
+log = structlog.get_logger("uro_recs.app.supervisor")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -47,7 +47,7 @@ class Child:
 class Supervisor:
     def __init__(self, config: Config, config_path: Path | None) -> None:
         self.config = config
-        base = [sys.executable, "-m", "uro_recs.cli"]
+        base = [sys.executable, "-m", "uro_recs.app.cli"]
         if config_path is not None:
             base += ["--config", str(config_path)]
         self.broker = Child("broker", [*base, "broker"])

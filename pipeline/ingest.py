@@ -13,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from uro_recs.sdk.db import Database
+from uro_recs.core.db import Database
 from uro_recs.sdk.events import Event as Event
 from uro_recs.sdk.events import InvalidEvent as InvalidEvent
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
+    from uro_recs.core.db import Connection
 
 log = structlog.get_logger(__name__)
 
@@ -244,21 +242,3 @@ def _insert_sql(n_rows: int) -> str:
 
 def _flatten(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [value for row in rows for value in row]
-
-
-async def recent_items(
-    db: Database, users: Iterable[uuid.UUID | str], since: datetime
-) -> dict[str, set[str]]:
-    """Items each user had events with since `since` (for example the model's data window
-    end): what serving can treat as consumed until the next retrain picks them up."""
-    ids = [u if isinstance(u, uuid.UUID) else uuid.UUID(u) for u in users]
-    rows = await db.fetch(
-        "SELECT user_id::TEXT AS user_id, item_id::TEXT AS item_id FROM recs_events"
-        " WHERE user_id = ANY($1::UUID[]) AND occurred_at >= $2 AND weight > 0",
-        ids,
-        since,
-    )
-    found: dict[str, set[str]] = {str(u): set() for u in ids}
-    for row in rows:
-        found[row["user_id"]].add(row["item_id"])
-    return found

@@ -19,8 +19,8 @@ from typing import Any, Final, Literal, TypeAlias
 import pandas as pd
 import structlog
 
-from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet, tf_session_config
-from uro_recs.worker.model_store import (
+from uro_recs.core.model_store import (
+    MODEL_FILE_STEM,
     POPULAR_ITEMS_MAX,
     Id,
     JsonValue,
@@ -28,10 +28,10 @@ from uro_recs.worker.model_store import (
     save_version,
     set_current,
 )
+from uro_recs.worker.libreco_env import quiet, tf, tf_session_config
 
 # isort: split
-# After the engine import, which quietens TensorFlow before libreco first imports it.
-import tensorflow as tf
+# After libreco_env, which quietens TensorFlow before libreco first imports it.
 from libreco import __version__ as libreco_version
 from libreco.algorithms import ALS, DeepFM
 from libreco.data import DatasetFeat, DatasetPure, split_by_ratio_chrono
@@ -64,12 +64,12 @@ class TrainedModel:
         path = str(directory)
         in_graph = self.graph.as_default() if self.graph is not None else contextlib.nullcontext()
         with quiet(stderr=True), in_graph:
-            self.data_info.save(path, LIBRECO_FILE_STEM)
+            self.data_info.save(path, MODEL_FILE_STEM)
             if self.graph is None:
-                self.model.save(path, LIBRECO_FILE_STEM)
+                self.model.save(path, MODEL_FILE_STEM)
             else:
                 # Only what inference needs: variables without optimizer slots.
-                self.model.save(path, LIBRECO_FILE_STEM, manual=True, inference_only=True)
+                self.model.save(path, MODEL_FILE_STEM, manual=True, inference_only=True)
 
     def manifest_fields(self) -> dict[str, object]:
         return {

@@ -30,12 +30,13 @@ import numpy.typing as npt
 import structlog
 from tqdm import tqdm
 
-from uro_recs.config import Config
-from uro_recs.sdk.db import ITEM_KINDS, Database, Lease
-from uro_recs.sdk.export import read_catalog
+from uro_recs.core.config import Config
+from uro_recs.core.db import Database, Lease
+from uro_recs.core.protocol import ITEM_KINDS
+from uro_recs.pipeline.export import read_catalog
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
+    from uro_recs.core.db import Connection
 
 log = structlog.get_logger(__name__)
 
@@ -164,12 +165,12 @@ class LoadedModel:
 
 def load_model(store: Path, name: str, version: str | None = None) -> LoadedModel:
     """Verify a stored version (CURRENT by default), then load it with libreco."""
-    import tensorflow as tf
+    from uro_recs.core.model_store import MODEL_FILE_STEM, current_version, verify, version_dir
+    from uro_recs.worker.libreco_env import quiet, tf
+
+    # isort: split
     from libreco.algorithms import ALS, DeepFM
     from libreco.data import DataInfo
-
-    from uro_recs.worker.libreco_engine import LIBRECO_FILE_STEM, quiet
-    from uro_recs.worker.model_store import current_version, verify, version_dir
 
     chosen = version or current_version(store, name)
     directory = version_dir(store, name, chosen)
@@ -180,8 +181,8 @@ def load_model(store: Path, name: str, version: str | None = None) -> LoadedMode
         raise ValueError(f"cannot batch-recommend with {manifest.libreco_class}")
     graph = tf.Graph() if model_class is DeepFM else None
     with quiet(stderr=True), graph.as_default() if graph is not None else contextlib.nullcontext():
-        data_info = DataInfo.load(str(directory), LIBRECO_FILE_STEM)
-        model = model_class.load(str(directory), LIBRECO_FILE_STEM, data_info)
+        data_info = DataInfo.load(str(directory), MODEL_FILE_STEM)
+        model = model_class.load(str(directory), MODEL_FILE_STEM, data_info)
     return LoadedModel(chosen, model, data_info, graph)
 
 

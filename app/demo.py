@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uro_recs.cli import apply_thread_limits
-from uro_recs.config import load_config
+from uro_recs.app.cli import apply_thread_limits
+from uro_recs.core.config import load_config
 from uro_recs.sdk import Client, UroRecsError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from uro_recs.worker.training import ModelKind
+    from uro_recs.pipeline.training import ModelKind
 
 # model name -> the libreco kind trained for it
 MODELS: dict[str, ModelKind] = {"als": "als", "deepfm": "deepfm"}
@@ -44,8 +44,8 @@ def _config_text(directory: Path) -> str:
 
 def train_missing(store: Path, data: pd.DataFrame, retrain: bool = False) -> None:
     """Train the demo models that the store lacks (all of them with `retrain`)."""
-    from uro_recs.worker.model_store import list_versions
-    from uro_recs.worker.training import train_and_save
+    from uro_recs.core.model_store import list_versions
+    from uro_recs.pipeline.training import train_and_save
 
     missing = [m for m in MODELS if retrain or not list_versions(store, m)]
     if not missing:
@@ -67,7 +67,7 @@ def prepare(directory: Path, retrain: bool = False) -> tuple[Path, pd.DataFrame]
     config_path = directory / "uro-recs.toml"
     config_path.write_text(_config_text(directory))
     apply_thread_limits(2)
-    from uro_recs.worker.demo_data import make_interactions
+    from uro_recs.pipeline.demo_data import make_interactions
 
     data = make_interactions()
     train_missing(load_config(config_path).store, data, retrain)
@@ -76,7 +76,7 @@ def prepare(directory: Path, retrain: bool = False) -> tuple[Path, pd.DataFrame]
 
 def start_serving(config_path: Path, quiet: bool = False) -> subprocess.Popen[bytes]:
     """`uro-recs serve` as a child process; `quiet` sends its logs to /dev/null."""
-    command = [sys.executable, "-m", "uro_recs.cli", "--config", str(config_path), "serve"]
+    command = [sys.executable, "-m", "uro_recs.app.cli", "--config", str(config_path), "serve"]
     output = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
 

@@ -22,7 +22,8 @@ import pandas as pd
 import structlog
 from tqdm import tqdm
 
-from uro_recs.sdk.db import ITEM_KINDS, Database
+from uro_recs.core.db import Database
+from uro_recs.core.protocol import ITEM_KINDS
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from uro_recs.config import Config
+    from uro_recs.core.config import Config
 
 
 class RolloutError(RuntimeError):
@@ -26,7 +26,7 @@ class RolloutError(RuntimeError):
 
 def previous_version(config: Config, model: str) -> str:
     """The newest stored version older than CURRENT: what a rollback goes back to."""
-    from uro_recs.worker.model_store import current_version, list_versions
+    from uro_recs.core.model_store import current_version, list_versions
 
     current = current_version(config.store, model)
     older = [v for v in list_versions(config.store, model) if v < current]
@@ -42,9 +42,9 @@ def rollout(
     `version`. Raises RolloutError, with CURRENT as it was, if the name is invalid, the version
     is not in the store or is corrupt, the broker is unreachable or refuses, or a worker cannot
     load it; raises RolloutError, with CURRENT at `version`, if the workers take too long."""
+    from uro_recs.core.model_store import StoreError, VersionNotFound, current_version, verify
+    from uro_recs.core.model_store import version_dir as stored_version_dir
     from uro_recs.sdk import Client, RequestRejected, UroRecsError
-    from uro_recs.worker.model_store import StoreError, VersionNotFound, current_version, verify
-    from uro_recs.worker.model_store import version_dir as stored_version_dir
 
     try:
         directory = stored_version_dir(config.store, model, version)  # checks the name
@@ -112,7 +112,7 @@ def rollout(
 
 
 def _set_current(config: Config, model: str, version: str) -> None:
-    from uro_recs.worker.model_store import StoreError, set_current
+    from uro_recs.core.model_store import StoreError, set_current
 
     try:
         set_current(config.store, model, version)
@@ -122,7 +122,7 @@ def _set_current(config: Config, model: str, version: str) -> None:
 
 def _restore_current(config: Config, model: str, before: str | None, version: str) -> str:
     """Put CURRENT back to `before`; returns the clause that says how that went."""
-    from uro_recs.worker.model_store import CURRENT_NAME, StoreError, set_current
+    from uro_recs.core.model_store import CURRENT_NAME, StoreError, set_current
 
     if before == version:
         return f"CURRENT was {version} already and stays so"

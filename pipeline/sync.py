@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import asyncpg
 import structlog
 
-from uro_recs.config import Config
-from uro_recs.sdk import registry
-from uro_recs.sdk.db import Database, Lease, load_migrations
-from uro_recs.sdk.export import Export, export_interactions
+from uro_recs.core.config import Config
+from uro_recs.core.db import Database, Lease, load_migrations
+from uro_recs.pipeline import registry
+from uro_recs.pipeline.export import Export, export_interactions
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
-    from uro_recs.worker.training import ModelKind, TrainedModel
+    from uro_recs.core.db import Connection
+    from uro_recs.pipeline.training import ModelKind, TrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +152,7 @@ async def _sync_locked(
     say: Callable[[str], None],
     epochs: int | None,
 ) -> None:
-    from uro_recs.worker.model_store import save_version, set_current
+    from uro_recs.core.model_store import save_version, set_current
 
     phase = time.perf_counter()
     say("exporting interactions ...")
@@ -236,7 +236,7 @@ async def _sync_locked(
 
 
 def _train(frame: Any, kind: str, config: Config, epochs: int | None) -> TrainedModel:
-    from uro_recs.worker.training import train_model
+    from uro_recs.pipeline.training import train_model
 
     return train_model(
         frame,
@@ -283,7 +283,7 @@ async def recover(db: Database, store: Path, model: str) -> list[str]:
     been rolled back on purpose. A newer published version that is not CURRENT (a sync that
     stopped right after its commit) is reported, for `uro-recs rollout` to pick up.
     """
-    from uro_recs.worker.model_store import StoreError, current_version, version_dir
+    from uro_recs.core.model_store import StoreError, current_version, version_dir
 
     notes: list[str] = []
 
@@ -323,7 +323,7 @@ async def recover(db: Database, store: Path, model: str) -> list[str]:
 
 def _unique_version(store: Path, model: str, known: list[registry.ModelVersion]) -> str:
     """A new time-based version name, suffixed when that second is already taken."""
-    from uro_recs.worker.model_store import new_version_name
+    from uro_recs.core.model_store import new_version_name
 
     taken = {v.version for v in known} | {p.name for p in (store / model).glob("*")}
     base = new_version_name(datetime.now(UTC))

@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from uro_recs.config import Config, load_config
-from uro_recs.logs import configure_logging
-from uro_recs.sdnotify import Notifier
+from uro_recs.core.config import Config, load_config
+from uro_recs.core.logs import configure_logging
+from uro_recs.core.sdnotify import Notifier
 
 
 def apply_thread_limits(threads: int) -> None:
@@ -35,7 +35,7 @@ def apply_thread_limits(threads: int) -> None:
 
 
 def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
-    from uro_recs.run_lock import EXIT_IN_USE, RunDirInUse, lock_run_dir
+    from uro_recs.core.run_lock import EXIT_IN_USE, RunDirInUse, lock_run_dir
 
     # Before any socket is bound: a second broker would bind over the live one's sockets.
     try:
@@ -73,7 +73,7 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
 
 def known_models(config: Config) -> list[str]:
     """What the broker queues for before any worker registers."""
-    from uro_recs.protocol import INGEST_WORKERS
+    from uro_recs.core.protocol import INGEST_WORKERS
 
     names = [m.name for m in config.models]
     return [*names, INGEST_WORKERS] if config.ingest.enabled else names
@@ -82,8 +82,8 @@ def known_models(config: Config) -> list[str]:
 def cmd_ingest_worker(config: Config, _args: argparse.Namespace) -> int:
     import dataclasses
 
-    from uro_recs.sdk.db import DatabaseError
-    from uro_recs.worker.ingest import IngestWorker
+    from uro_recs.core.db import DatabaseError
+    from uro_recs.pipeline.ingest_worker import IngestWorker
 
     loop_config = dataclasses.replace(
         config.worker, slots=config.ingest.slots, max_batch_delay_ms=0.0
@@ -160,7 +160,7 @@ def worker_instance_model(instance: str) -> str:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from uro_recs.supervisor import Supervisor
+    from uro_recs.app.supervisor import Supervisor
 
     if not config.models:
         print("serve: the configuration names no [[models]] to serve", file=sys.stderr)
@@ -172,8 +172,8 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     apply_thread_limits(2)
     import pandas as pd
 
-    from uro_recs.worker.demo_data import make_interactions
-    from uro_recs.worker.training import train_and_save
+    from uro_recs.pipeline.demo_data import make_interactions
+    from uro_recs.pipeline.training import train_and_save
 
     data = pd.read_csv(args.csv) if args.csv else make_interactions()
     path = train_and_save(config.store, args.model, data, args.kind, version=args.version)
@@ -192,9 +192,9 @@ def cmd_recommend(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(config: Config, args: argparse.Namespace) -> int:
-    from uro_recs.rollout import RolloutError, print_summary, rollout
+    from uro_recs.app.rollout import RolloutError, print_summary, rollout
+    from uro_recs.core.model_store import StoreError, current_version
     from uro_recs.sdk import UroRecsError
-    from uro_recs.worker.model_store import StoreError, current_version
 
     model = args.model or config.sync.model
     try:
@@ -207,10 +207,10 @@ def cmd_rollout(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
-    from uro_recs.rollout import RolloutError, previous_version, print_summary
-    from uro_recs.rollout import rollout as roll
+    from uro_recs.app.rollout import RolloutError, previous_version, print_summary
+    from uro_recs.app.rollout import rollout as roll
+    from uro_recs.core.model_store import StoreError
     from uro_recs.sdk import UroRecsError
-    from uro_recs.worker.model_store import StoreError
 
     try:
         version = previous_version(config, args.model)
@@ -222,7 +222,7 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_install_systemd(_config: Config, args: argparse.Namespace) -> int:
-    from uro_recs.install import InstallError, install_systemd
+    from uro_recs.app.install import InstallError, install_systemd
 
     try:
         report = install_systemd(
@@ -242,7 +242,7 @@ def _say(line: str) -> None:
 def cmd_db_migrate(config: Config, _args: argparse.Namespace) -> int:
     import asyncio
 
-    from uro_recs.sdk.db import Database, DatabaseError, migrate
+    from uro_recs.core.db import Database, DatabaseError, migrate
 
     async def run() -> str:
         async with await Database.connect(config.database) as db:
@@ -265,8 +265,8 @@ def cmd_sync(config: Config, args: argparse.Namespace) -> int:
     apply_thread_limits(config.sync.threads)
     import asyncio
 
-    from uro_recs.sdk.db import DatabaseError
-    from uro_recs.sdk.sync import SyncError, run_sync
+    from uro_recs.core.db import DatabaseError
+    from uro_recs.pipeline.sync import SyncError, run_sync
 
     try:
         report = asyncio.run(
@@ -290,9 +290,9 @@ def cmd_batch_recommend(config: Config, args: argparse.Namespace) -> int:
     apply_thread_limits(config.sync.threads)
     import asyncio
 
-    from uro_recs.sdk.batch import batch_recommend
-    from uro_recs.sdk.db import DatabaseError
-    from uro_recs.worker.model_store import StoreError
+    from uro_recs.core.db import DatabaseError
+    from uro_recs.core.model_store import StoreError
+    from uro_recs.pipeline.batch import batch_recommend
 
     try:
         report = asyncio.run(
@@ -313,7 +313,7 @@ def cmd_batch_recommend(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(_config: Config, args: argparse.Namespace) -> int:
-    from uro_recs.demo import run_demo
+    from uro_recs.app.demo import run_demo
 
     return run_demo(Path(args.dir), once=args.once, retrain=args.retrain)
 
@@ -423,11 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a base install (`pip install uro-recs`) lacks, and the extra that brings it.
+_EXTRA_MODULES = frozenset({"numpy", "pandas", "tensorflow", "libreco", "torch", "threadpoolctl"})
+_PIPELINE_COMMANDS = frozenset({"demo", "train", "sync", "batch-recommend"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = load_config(args.config)
     configure_logging(config.log_format)
-    return int(args.func(config, args))
+    try:
+        return int(args.func(config, args))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
+            raise
+        extra = "pipeline" if args.command in _PIPELINE_COMMANDS else "server"
+        print(
+            f"uro-recs {args.command}: needs {exc.name}, which this install lacks; "
+            f"install the '{extra}' extra: pip install 'uro-recs[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

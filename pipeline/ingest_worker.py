@@ -12,34 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 import zmq
 
-from uro_recs import protocol
-from uro_recs.config import BrokerConfig, DatabaseConfig, WorkerConfig
-from uro_recs.protocol import ErrorCode, IngestArgs, IngestEvent, Op, RequestId
-from uro_recs.sdk.db import Database, DatabaseError
-from uro_recs.sdk.ingest import EventWriter
+from uro_recs.core import protocol
+from uro_recs.core.config import BrokerConfig, DatabaseConfig, WorkerConfig
+from uro_recs.core.db import Database, DatabaseError
+from uro_recs.core.protocol import ErrorCode, IngestArgs, Op, RequestId
+from uro_recs.pipeline.ingest import EventWriter
+from uro_recs.worker.async_thread import AsyncThread
 from uro_recs.worker.loop import Job, WorkerLoop, one_line
 
-log = structlog.get_logger("uro_recs.worker.ingest")
+log = structlog.get_logger("uro_recs.pipeline.ingest_worker")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-T = TypeVar("T")
 Ingest = tuple[Job, RequestId, list[tuple[Any, ...]]]  # a job, its request id, its rows
-
-
-def event_row(event: IngestEvent) -> tuple[Any, ...]:
-    """The `recs_events` row of a validated wire event (the column order of EventWriter)."""
-    occurred_at = _EPOCH + timedelta(microseconds=event.occurred_at_us)
-    return event.user_id, event.item_kind, event.item_id, event.event, occurred_at, event.weight
 
 
 class IngestWorker(WorkerLoop):
@@ -53,8 +45,7 @@ class IngestWorker(WorkerLoop):
     ) -> None:
         super().__init__(protocol.INGEST_WORKERS, endpoint, config, broker, context)
         self.database = database
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._async = AsyncThread("ingest-database")
         self._db: Database | None = None
         self._writer: EventWriter | None = None
         self._answers: deque[tuple[Job, bytes]] = deque()  # filled by the asyncio thread
@@ -62,23 +53,16 @@ class IngestWorker(WorkerLoop):
 
     def connect(self) -> None:
         """Connect to the database (retried, like every statement) before registering."""
-        self._thread.start()
-        self._db = self._call(Database.connect(self.database))
+        self._async.start()
+        self._db = self._async.call(Database.connect(self.database))
         # No flush timer: a batch goes as soon as a write slot is free.
         self._writer = EventWriter(self._db, flush_interval_s=0)
 
     def close(self) -> None:
         if self._db is not None:
-            self._call(self._db.close())
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self._loop.close()
+            self._async.call(self._db.close())
+        self._async.stop()
         super().close()
-
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def hello(self) -> protocol.WorkerHello:
         info = {"class": "EventWriter", "ops": [Op.INGEST.value]}
@@ -96,18 +80,14 @@ class IngestWorker(WorkerLoop):
                 message = f"ingest workers answer ingest, not {request.op}"
                 self.reply_error(job, request.id, ErrorCode.UNSUPPORTED, message)
                 continue
-            accepted.append((job, request.id, [event_row(e) for e in request.args.events]))
+            accepted.append((job, request.id, [e.row() for e in request.args.events]))
         if not accepted:
             return
         # One hand-over to the asyncio thread per batch, not per request. If it cannot be
         # handed over, the batch is answered here: no job may wait for an answer never sent.
-        coroutine = self._store_all(accepted)
         try:
-            if not self._thread.is_alive():
-                raise RuntimeError("the database thread is not running")
-            asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            self._async.submit(self._store_all(accepted))
         except Exception as exc:
-            coroutine.close()
             log.exception("ingest_not_scheduled", requests=len(accepted))
             for job, request_id, _ in accepted:
                 self.reply_error(job, request_id, ErrorCode.INTERNAL, f"ingest failed: {exc}")

@@ -29,6 +29,8 @@ FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 POPULAR_ITEMS_MAX = 1000
+# The model's own files in a version directory start with this stem (libreco's save names).
+MODEL_FILE_STEM = "model"
 # Model and version names: one path component, never "..", "/", empty or hidden. \Z, not $:
 # no trailing newline slips through.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")

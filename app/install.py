@@ -16,7 +16,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from uro_recs.config import load_config
+from uro_recs.core.config import load_config
 
 USER = GROUP = "uro-recs"
 UNIT_DIR = Path("etc/systemd/system")

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 import asyncpg
 
-from uro_recs.sdk.db import Database
+from uro_recs.core.db import Database
 
 if TYPE_CHECKING:
-    from uro_recs.sdk.db import Connection
+    from uro_recs.core.db import Connection
 
 Status: TypeAlias = Literal[
     "training", "trained", "rejected", "published", "rolled_back", "abandoned"
