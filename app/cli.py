@@ -10,13 +10,15 @@ the thread limits are in the environment, so `uro-recs recommend` starts in mill
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from uro_recs.core.config import Config, load_config
+from uro_recs.core.config import Config, ConfigError, load_config
 from uro_recs.core.logs import configure_logging
 from uro_recs.core.sdnotify import Notifier
 
@@ -161,23 +163,103 @@ def worker_instance_model(instance: str) -> str:
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     from uro_recs.app.supervisor import Supervisor
+    from uro_recs.core.model_store import current_version
 
     if not config.models:
         print("serve: the configuration names no [[models]] to serve", file=sys.stderr)
         return 2
+    from uro_recs.core.run_lock import EXIT_IN_USE, RunDirInUse, lock_run_dir
+
+    try:  # another broker on this run_dir comes first: nothing here may start then
+        lock_run_dir(config.run_dir).release()
+    except RunDirInUse as error:
+        print(f"uro-recs: {error}", file=sys.stderr)
+        return EXIT_IN_USE
+    for model in config.models:  # a worker without a model would fail and restart forever
+        if not model.version:
+            current_version(config.store, model.name)  # VersionNotFound says what to do
     return Supervisor(config, args.config).run()
 
 
 def cmd_train(config: Config, args: argparse.Namespace) -> int:
+    """Train a version; it serves only once published (here with --publish, or by rollout)."""
+    from uro_recs.pipeline.interactions import check_interactions_csv
+
+    if args.csv is not None:
+        rows = check_interactions_csv(args.csv)  # before the heavy imports below
+        _say(f"train: {args.csv}: {rows} interactions")
     apply_thread_limits(2)
     import pandas as pd
 
+    from uro_recs.core.model_store import new_version_name, save_version, set_current
     from uro_recs.pipeline.demo_data import make_interactions
-    from uro_recs.pipeline.training import train_and_save
+    from uro_recs.pipeline.sync import GATED_METRICS, beats_baseline
+    from uro_recs.pipeline.training import train_model
 
-    data = pd.read_csv(args.csv) if args.csv else make_interactions()
-    path = train_and_save(config.store, args.model, data, args.kind, version=args.version)
-    print(json.dumps({"model": args.model, "version": path.name, "path": str(path)}))
+    data = pd.read_csv(args.csv) if args.csv is not None else make_interactions()
+    trained = train_model(data, args.kind)
+    version = args.version or new_version_name()
+    path = save_version(config.store, args.model, version, trained.save, trained.manifest_fields())
+    metrics = {k: v for k, v in trained.metrics.items() if k != "fit_seconds"}
+    passed = beats_baseline(trained.metrics)
+    published = args.publish and (passed or args.force)
+    if published:
+        set_current(config.store, args.model, version)
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "version": version,
+                "path": str(path),
+                "metrics": metrics,
+                "published": published,
+            }
+        )
+    )
+    if not args.publish:
+        _say(f"train: not published; to serve it: uro-recs rollout {args.model} {version}")
+    elif not published:
+        gate = " and ".join(GATED_METRICS)
+        _say(
+            f"train: not published: {gate} is below the popularity baseline (or there was no "
+            "held-out data to measure it); --force publishes anyway"
+        )
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_health(config: Config, args: argparse.Namespace) -> int:
+    """Exit 0 when the broker answers and every configured model (and ingest, when enabled)
+    has a live worker; 1 naming those that have none; 4 when no broker answers."""
+    from uro_recs.core.protocol import INGEST_WORKERS
+    from uro_recs.sdk import Client
+
+    with Client(args.endpoint or config.client_endpoint, timeout=args.timeout) as client:
+        stats = client.stats()
+    live = {name: int(model.get("workers", 0)) for name, model in stats["models"].items()}
+    wanted = [model.name for model in config.models]
+    if config.ingest.enabled:
+        wanted.append(INGEST_WORKERS)
+    missing = [name for name in wanted if live.get(name, 0) < 1]
+    if stats.get("draining"):
+        print("unhealthy: the broker is draining (shutting down)", file=sys.stderr)
+        return EXIT_FAILED
+    if missing:
+        print(f"unhealthy: no live worker for {', '.join(missing)}", file=sys.stderr)
+        return EXIT_FAILED
+    print("healthy: " + (", ".join(f"{n} ({live[n]} workers)" for n in wanted) or "no models"))
+    return 0
+
+
+def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    """The configuration loaded (ConfigError otherwise), summed up for a person."""
+    source = str(args.config) if args.config is not None else "no file: defaults and environment"
+    models = ", ".join(f"{m.name} ({m.workers} workers)" for m in config.models) or "none"
+    print(f"config: {source}")
+    print(f"  run_dir: {config.run_dir.absolute()}  (client socket {config.client_endpoint})")
+    print(f"  store:   {config.store.absolute()}")
+    print(f"  models:  {models}")
+    print(f"  ingest:  {'on' if config.ingest.enabled else 'off'}")
     return 0
 
 
@@ -318,12 +400,43 @@ def cmd_demo(_config: Config, args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir), once=args.once, retrain=args.retrain)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uro-recs", description=__doc__)
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
-    sub = parser.add_subparsers(dest="command", required=True)
+_DESCRIPTION = """\
+uro-recs serves LibRecommender models to uro over ZeroMQ: a broker, model workers, the
+database sync that trains and publishes model versions, and the batch recommendations.
 
-    demo = sub.add_parser("demo", help="train demo models, serve them over IPC, ask them")
+Start with `uro-recs demo`; in production, `uro-recs install-systemd`. Every command takes
+--config FILE (before or after the command) and --debug (show tracebacks)."""
+
+_EPILOG = """\
+exit status: 0 done; 1 the operation failed; 2 a wrong command line, configuration or input
+file; 3 another broker holds the run_dir (sync: the new model was not published);
+4 the broker or the database cannot be reached."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="uro-recs",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    parser.add_argument("--version", action="version", version=f"uro-recs {_version()}")
+    # The same two options after the command; SUPPRESS keeps the top-level value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML file")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name, parents=[common], formatter_class=formatter, **kwargs
+        )
+        return parser
+
+    demo = add(sub, "demo", help="train demo models, serve them over IPC, ask them")
     demo.add_argument(
         "--dir", default="var/demo", help="where the demo keeps its store and sockets"
     )
@@ -331,49 +444,67 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain", action="store_true", help="train even if models exist")
     demo.set_defaults(func=cmd_demo)
 
-    sub.add_parser("serve", help="run the broker and the configured workers").set_defaults(
-        func=cmd_serve
-    )
-    sub.add_parser("broker", help="run the broker alone").set_defaults(func=cmd_broker)
+    add(sub, "serve", help="run the broker and the configured workers").set_defaults(func=cmd_serve)
+    add(sub, "broker", help="run the broker alone").set_defaults(func=cmd_broker)
 
-    worker = sub.add_parser("worker", help="run one worker for one model")
+    worker = add(sub, "worker", help="run one worker for one model")
     which = worker.add_mutually_exclusive_group(required=True)
     which.add_argument("--model")
     which.add_argument("--instance", help="a systemd instance name <model>-<n>, e.g. als-1")
     worker.add_argument("--version", default="", help="default: the store's CURRENT version")
     worker.set_defaults(func=cmd_worker)
 
-    sub.add_parser(
-        "ingest-worker", help="run one ingest worker (the `ingest` op, into recs_events)"
+    add(
+        sub, "ingest-worker", help="run one ingest worker (the `ingest` op, into recs_events)"
     ).set_defaults(func=cmd_ingest_worker)
 
-    train = sub.add_parser("train", help="train a model into the store and make it CURRENT")
+    train = add(
+        sub, "train", help="train a model version into the store; --publish makes it CURRENT"
+    )
     train.add_argument("--model", required=True, help="the model's name in the store")
-    train.add_argument("--kind", choices=["als", "deepfm"], default="als")
-    train.add_argument("--csv", type=Path, help="interactions with columns user,item,label,time")
-    train.add_argument("--version", default=None)
+    train.add_argument("--kind", choices=["als", "deepfm"], default="als", help="what to train")
+    data = train.add_mutually_exclusive_group(required=True)
+    data.add_argument("--csv", type=Path, help="interactions: columns user,item,label,time")
+    data.add_argument(
+        "--demo-data", action="store_true", help="synthetic interactions, for trying it out"
+    )
+    train.add_argument("--version", default=None, help="default: named for the current time")
+    train.add_argument(
+        "--publish",
+        action="store_true",
+        help="make it CURRENT if it scores at least the popularity baseline",
+    )
+    train.add_argument("--force", action="store_true", help="with --publish: skip the gate")
     train.set_defaults(func=cmd_train)
 
-    recommend = sub.add_parser("recommend", help="ask the running broker for one user")
+    add(sub, "check-config", help="load the configuration and say what it holds").set_defaults(
+        func=cmd_check_config
+    )
+    health = add(sub, "health", help="exit 0 when every configured model has a live worker")
+    health.add_argument("--endpoint", default="", help="default: the configured IPC socket")
+    health.add_argument("--timeout", type=float, default=1.0, help="seconds to wait")
+    health.set_defaults(func=cmd_health)
+
+    recommend = add(sub, "recommend", help="ask the running broker for one user")
     recommend.add_argument("user")
     recommend.add_argument("--model", default="als")
     recommend.add_argument("-n", "--n", type=int, default=10)
     recommend.add_argument("--endpoint", default="", help="default: the configured IPC socket")
     recommend.set_defaults(func=cmd_recommend)
 
-    rollout = sub.add_parser("rollout", help="move a model's workers to a stored version")
+    rollout = add(sub, "rollout", help="move a model's workers to a stored version")
     rollout.add_argument("model", nargs="?", default="", help="default: [sync] model")
     rollout.add_argument("version", nargs="?", default="", help="default: the store's CURRENT")
     rollout.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     rollout.set_defaults(func=cmd_rollout)
 
-    rollback = sub.add_parser("rollback", help="move a model back to its previous version")
+    rollback = add(sub, "rollback", help="move a model back to its previous version")
     rollback.add_argument("model")
     rollback.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     rollback.set_defaults(func=cmd_rollback)
 
-    install = sub.add_parser(
-        "install-systemd", help="lay out the user, directories, config and systemd units"
+    install = add(
+        sub, "install-systemd", help="lay out the user, directories, config and systemd units"
     )
     install.add_argument(
         "--root", type=Path, default=Path("/"), help="install into this file system root"
@@ -395,14 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reload", action="store_true", help="do not run systemctl daemon-reload"
     )
     install.set_defaults(func=cmd_install_systemd)
-    db = sub.add_parser("db", help="uro-recs' tables in uro's database")
+    db = add(sub, "db", help="uro-recs' tables in uro's database")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("migrate", help="create or update the tables (idempotent)").set_defaults(
+    add(db_sub, "migrate", help="create or update the tables (idempotent)").set_defaults(
         func=cmd_db_migrate
     )
 
-    sync = sub.add_parser(
-        "sync", help="export interactions, train, evaluate, publish into store and registry"
+    sync = add(
+        sub, "sync", help="export interactions, train, evaluate, publish into store and registry"
     )
     sync.add_argument("--model", default=None, help="default: [sync] model")
     sync.add_argument(
@@ -413,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(func=cmd_sync)
 
-    batch = sub.add_parser(
-        "batch-recommend", help="write top-N per item kind for every user, then flip to it"
+    batch = add(
+        sub, "batch-recommend", help="write top-N per item kind for every user, then flip to it"
     )
     batch.add_argument("--model", default=None, help="default: [sync] model")
     batch.add_argument("--version", default=None, help="default: the store's CURRENT version")
@@ -423,27 +554,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_FAILED = 1  # the operation ran and failed
+EXIT_USAGE = 2  # the command line, the configuration or an input file is wrong
+EXIT_UNREACHABLE = 4  # the broker or the database cannot be reached
+
 # What a base install (`pip install uro-recs`) lacks, and the extra that brings it.
 _EXTRA_MODULES = frozenset({"numpy", "pandas", "tensorflow", "libreco", "torch", "threadpoolctl"})
 _PIPELINE_COMMANDS = frozenset({"demo", "train", "sync", "batch-recommend"})
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("uro-recs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def explain(exc: BaseException, command: str) -> tuple[int, str]:
+    """The exit status and the one line a failure becomes (the traceback only with --debug)."""
+    import asyncpg
+
+    from uro_recs.core.db import DatabaseError
+    from uro_recs.core.model_store import StoreError
+    from uro_recs.pipeline.interactions import InvalidInput
+    from uro_recs.sdk import DeadlineExceeded, RequestRejected, TryAgainLater, UroRecsError
+
+    if (
+        isinstance(exc, ModuleNotFoundError)
+        and (exc.name or "").partition(".")[0] in _EXTRA_MODULES
+    ):
+        extra = "pipeline" if command in _PIPELINE_COMMANDS else "server"
+        return EXIT_USAGE, (
+            f"needs {exc.name}, which this install lacks; install the '{extra}' extra: "
+            f"pip install 'uro-recs[{extra}]'"
+        )
+    if isinstance(exc, ConfigError | InvalidInput):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, StoreError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, TryAgainLater | DeadlineExceeded):
+        return EXIT_UNREACHABLE, exc.message
+    if isinstance(exc, RequestRejected):
+        return EXIT_USAGE, f"the broker refused it: {exc.message}"
+    if isinstance(exc, UroRecsError):
+        return EXIT_FAILED, exc.message
+    if isinstance(exc, DatabaseError):
+        return EXIT_UNREACHABLE, f"database: {exc}"
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return EXIT_USAGE, (
+            f"the database has no such table ({exc}): [database] url must name uro's database, "
+            "and `uro-recs db migrate` must have created uro-recs' own tables there"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return EXIT_FAILED, f"database: {type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return (
+        EXIT_FAILED,
+        f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = load_config(args.config)
-    configure_logging(config.log_format)
     try:
+        config = load_config(args.config)
+        configure_logging(config.log_format)
         return int(args.func(config, args))
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
+    except Exception as exc:
+        if args.debug:
             raise
-        extra = "pipeline" if args.command in _PIPELINE_COMMANDS else "server"
-        print(
-            f"uro-recs {args.command}: needs {exc.name}, which this install lacks; "
-            f"install the '{extra}' extra: pip install 'uro-recs[{extra}]'",
-            file=sys.stderr,
-        )
-        return 2
+        status, line = explain(exc, args.command)
+        print(f"uro-recs {args.command}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -149,7 +149,13 @@ def install_systemd(
     if reload and root == Path("/") and Path("/run/systemd/system").exists():
         subprocess.run(["systemctl", "daemon-reload"], check=True)
         done.append("systemctl daemon-reload")
-    done.append("next: systemctl enable --now uro-recs.target uro-recs-retrain.timer")
+    config = f"/{CONFIG_FILE}"
+    done.append(
+        f"next: 1. edit {config} ([database] url, [[models]]); "
+        f"2. publish a first model: sudo -u uro-recs uro-recs --config {config} sync "
+        f"(or train --csv FILE --publish); "
+        "3. systemctl enable --now uro-recs.target uro-recs-retrain.timer"
+    )
     return done
 
 

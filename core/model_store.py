@@ -201,10 +201,35 @@ def current_version(store: Path, model_name: str) -> str:
     try:
         version = pointer.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise VersionNotFound(f"{pointer} does not exist") from None
+        raise VersionNotFound(_no_current(store, model_name)) from None
     if not _NAME_PATTERN.fullmatch(version):
         raise StoreError(f"{pointer} holds no valid version name")
     return version
+
+
+def list_models(store: Path) -> list[str]:
+    """The models the store has a directory for, by name."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and _NAME_PATTERN.fullmatch(p.name))
+
+
+def _no_current(store: Path, model_name: str) -> str:
+    """Why `model_name` has no CURRENT version, and what the store has instead."""
+    if not (store / model_name).is_dir():
+        models = list_models(store)
+        has = f"it has {', '.join(models)}" if models else "it is empty"
+        return (
+            f"no model named {model_name!r} in the store {store} ({has}); publish one with "
+            f"`uro-recs train --model {model_name} --csv FILE --publish` or `uro-recs sync`"
+        )
+    versions = list_versions(store, model_name)
+    if versions:
+        return (
+            f"model {model_name!r} has no CURRENT version in {store} (versions: "
+            f"{', '.join(versions[-5:])}); choose one with `uro-recs rollout {model_name} VERSION`"
+        )
+    return f"model {model_name!r} has no version in {store} yet: train and publish one first"
 
 
 def list_versions(store: Path, model_name: str) -> list[str]:

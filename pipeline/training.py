@@ -28,6 +28,7 @@ from uro_recs.core.model_store import (
     save_version,
     set_current,
 )
+from uro_recs.pipeline.interactions import REQUIRED_COLUMNS
 from uro_recs.worker.libreco_env import quiet, tf, tf_session_config
 
 # isort: split
@@ -41,7 +42,6 @@ from libreco.evaluation.metrics import listwise_scores, ndcg_at_k, recall_at_k
 log = structlog.get_logger(__name__)
 
 ModelKind: TypeAlias = Literal["als", "deepfm"]
-REQUIRED_COLUMNS: Final = ("user", "item", "label", "time")
 # Item columns DeepFM uses as sparse features when the data has them.
 ITEM_FEATURES: Final = ("item_kind",)
 EVAL_K: Final = 10

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ import zmq.asyncio
 from uro_recs.core import protocol
 from uro_recs.core.protocol import RETRYABLE_CODES, ErrorCode, Id, Op, Reply, RequestId
 
-from .errors import DeadlineExceeded, ServerError, UroRecsError, error_from_reply
+from .errors import DeadlineExceeded, ServerError, Unavailable, UroRecsError, error_from_reply
 from .events import Event
 from .results import (
     ModelInfo,
@@ -109,6 +110,33 @@ def _id_list(ids: Iterable[Id], name: str) -> list[Id]:
 
 def _millis(seconds: float) -> int:
     return max(0, math.ceil(seconds * 1000))
+
+
+def nobody_listening(endpoint: str) -> str | None:
+    """Why no broker can be listening at `endpoint` (ipc:// or tcp://), or None when something
+    accepts connections there or it cannot be told. One short connect, made only when a
+    request cannot go out at once: it tells "not running" from "slow" without waiting."""
+    try:
+        if endpoint.startswith("ipc://"):
+            path = endpoint.removeprefix("ipc://")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                probe.connect(path)
+        elif endpoint.startswith("tcp://"):
+            host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=0.5).close()
+    except FileNotFoundError:
+        return f"no broker is listening at {endpoint}: there is no such socket file"
+    except ConnectionRefusedError:
+        return f"no broker is listening at {endpoint}: connection refused"
+    except PermissionError:
+        return (
+            f"may not connect to {endpoint}: permission denied (this user must be in the "
+            "socket's group, [broker] client_socket_group)"
+        )
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class _BaseClient:
@@ -272,9 +300,25 @@ class _BaseClient:
         body = protocol.encode_request(request_id, call.op, call.model, call.args, timeout_ms)
         return request_id, body
 
-    def _timed_out(self, call: _Call[Any], request_id: int | None = None) -> DeadlineExceeded:
+    def _timed_out(self, call: _Call[Any], request_id: int | None = None) -> UroRecsError:
+        """DeadlineExceeded, or Unavailable when no broker listens at the endpoint (any more)."""
+        unreachable = self._unreachable(request_id)
+        if unreachable is not None:
+            return unreachable
         message = f"no reply within the {call.timeout:g} s timeout"
         return DeadlineExceeded(ErrorCode.DEADLINE_EXCEEDED, message, request_id)
+
+    def _unreachable(self, request_id: int | None) -> Unavailable | None:
+        reason = nobody_listening(self.endpoint)
+        return None if reason is None else Unavailable(ErrorCode.UNAVAILABLE, reason, request_id)
+
+    def _check_reachable(self, socket: zmq.Socket[Any], request_id: int) -> None:
+        """A socket that cannot send at once has no connection yet: if no broker listens at
+        the endpoint, say so now rather than after the whole timeout."""
+        if not int(socket.get(zmq.EVENTS)) & zmq.POLLOUT:
+            unreachable = self._unreachable(request_id)
+            if unreachable is not None:
+                raise unreachable
 
     def _decode(self, frames: list[bytes]) -> Reply | None:
         """The reply in a message, or None when it cannot be told which request it answers."""
@@ -451,6 +495,7 @@ class Client(_BaseClient):
     def _exchange(
         self, socket: zmq.Socket[bytes], call: _Call[Any], request_id: int, body: bytes
     ) -> Reply:
+        self._check_reachable(socket, request_id)
         if not socket.poll(_millis(call.remaining()), zmq.POLLOUT):
             raise self._timed_out(call, request_id)
         socket.send_multipart([b"", body], zmq.NOBLOCK)
@@ -613,6 +658,7 @@ class AsyncClient(_BaseClient):
 
     async def _exchange(self, call: _Call[Any], request_id: int, body: bytes) -> Reply:
         socket = self._open()
+        self._check_reachable(socket, request_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:

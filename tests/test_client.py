@@ -7,6 +7,7 @@ import inspect
 import json
 import pickle
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -44,6 +45,7 @@ from uro_recs.sdk import (
     error_from_reply,
 )
 from uro_recs.sdk import results as parse
+from uro_recs.sdk.client import nobody_listening
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -233,9 +235,31 @@ def test_unanswered_call_raises_deadline_exceeded_after_its_timeout(
     assert raised.value.request_id == broker.requests[0].id
 
 
-def test_call_times_out_when_no_broker_is_listening(endpoint: str, flavour: str) -> None:
-    with pytest.raises(DeadlineExceeded):
-        use_client(flavour, endpoint, lambda c: c.info(timeout=0.1))
+def test_a_call_with_no_broker_listening_is_unavailable_without_waiting(
+    endpoint: str, flavour: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no broker is listening at ipc://"):
+        use_client(flavour, endpoint, lambda c: c.info(timeout=5.0))
+    assert time.monotonic() - started < 4.0  # not the 5 s budget waited out
+
+
+def test_nobody_listening_tells_missing_refused_and_listening(tmp_path: Path) -> None:
+    missing = f"ipc://{tmp_path / 'none.sock'}"
+    assert "no such socket file" in (nobody_listening(missing) or "")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(stale))  # bound, never listening: what a dead broker leaves behind
+        assert "connection refused" in (nobody_listening(f"ipc://{stale}") or "")
+    live = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(live))
+        listener.listen()
+        assert nobody_listening(f"ipc://{live}") is None
+    with socket.socket() as port:
+        port.bind(("127.0.0.1", 0))
+        closed = port.getsockname()[1]
+    assert "connection refused" in (nobody_listening(f"tcp://127.0.0.1:{closed}") or "")
 
 
 def test_late_reply_of_a_timed_out_call_is_ignored_by_the_next_call(

@@ -39,7 +39,11 @@ defmodule UroRecs.TestCluster do
     models
     |> Enum.map(fn {name, kind} ->
       Task.async(fn ->
-        args = ["train", "--model", name, "--kind", kind, "--csv", csv, "--version", @version]
+        # --force: the tests need these exact models served, whatever their scores.
+        args =
+          ["train", "--model", name, "--kind", kind, "--csv", csv, "--version", @version] ++
+            ["--publish", "--force"]
+
         {out, status} = System.cmd(python(), cli(config, args), stderr_to_stdout: true)
         if status != 0, do: raise("training #{name} failed:\n#{out}")
       end)

@@ -1,0 +1,173 @@
+"""The command line as an operator meets it: through the real entry point, checking the one
+line it prints and the exit status, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster
+from tests.db_fixtures import empty_database  # noqa: F401
+from uro_recs.app.cli import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
+from uro_recs.core.model_store import CURRENT_NAME
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "uro_recs.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], status: int, *needles: str) -> str:
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines, "no message"
+    for needle in needles:
+        assert needle in lines[-1], lines
+    return lines[-1]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "uro-recs.toml"
+    path.write_text(
+        f'run_dir = "{tmp_path / "run"}"\nstore = "{tmp_path / "store"}"\n'
+        '[[models]]\nname = "als"\nworkers = 1\n'
+    )
+    return path
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.startswith("uro-recs ")
+    help_text = run("--help").stdout
+    assert "exit status" in help_text and "check-config" in help_text
+
+
+def test_config_is_taken_before_or_after_the_command(config: Path, tmp_path: Path) -> None:
+    before = run("--config", str(config), "check-config")
+    after = run("check-config", "--config", str(config))
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert before.stdout == after.stdout
+    assert str(tmp_path / "store") in after.stdout and "als (1 workers)" in after.stdout
+
+
+def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    one_line_error(run("--config", str(missing), "check-config"), EXIT_USAGE, str(missing))
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run("--config", str(tmp_path / "nope.toml"), "check-config", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_an_unknown_model_names_the_ones_there(config: Path, tmp_path: Path) -> None:
+    (tmp_path / "store" / "als").mkdir(parents=True)
+    (tmp_path / "store" / "deepfm").mkdir()
+    line = one_line_error(
+        run("--config", str(config), "worker", "--model", "alss"),
+        EXIT_USAGE,
+        "no model named 'alss'",
+    )
+    assert "als, deepfm" in line and "--publish" in line
+
+
+def test_serve_with_an_empty_store_says_how_to_publish(config: Path) -> None:
+    one_line_error(run("--config", str(config), "serve"), EXIT_USAGE, "no model named 'als'")
+
+
+def test_recommend_without_a_broker_says_none_is_listening(config: Path, tmp_path: Path) -> None:
+    socket_path = tmp_path / "run" / "client.sock"
+    one_line_error(
+        run("--config", str(config), "recommend", "u1"),
+        EXIT_UNREACHABLE,
+        f"no broker is listening at ipc://{socket_path}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("", ["is empty"]),
+        ("user;item;label;time\nu;i;1;0\n", ["separated by semicolons"]),
+        ("user,item,rating\nu,i,1\n", ["lacks the columns label,time", "found user,item,rating"]),
+        ("user,item,label,time\nu,i,play,0\n", [":2: label 'play' is not a number"]),
+        ("user,item,label,time\nu,i,1\n", [":2: 3 fields, the header has 4"]),
+        ("user,item,label,time\n", ["no interactions"]),
+    ],
+)
+def test_train_checks_its_csv_before_training(
+    config: Path, tmp_path: Path, content: str, needles: list[str]
+) -> None:
+    csv = tmp_path / "interactions.csv"
+    csv.write_text(content)
+    args = ("--config", str(config), "train", "--model", "als", "--csv", str(csv))
+    one_line_error(run(*args), EXIT_USAGE, str(csv), *needles)
+    assert not (tmp_path / "store").exists()
+
+
+def test_train_needs_data_named_explicitly(config: Path) -> None:
+    result = run("--config", str(config), "train", "--model", "als")
+    assert result.returncode == EXIT_USAGE and "--csv" in result.stderr
+
+
+def test_train_publishes_only_when_asked_and_past_the_gate(config: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "tiny.csv"
+    # One interaction per user: nothing can be held out, so nothing shows it beats popularity.
+    rows = [f"u{u},i{u % 7},1.0,{u}" for u in range(40)]
+    csv.write_text("user,item,label,time\n" + "\n".join(rows) + "\n")
+    base = ("--config", str(config), "train", "--model", "als", "--csv", str(csv))
+    current = tmp_path / "store" / "als" / CURRENT_NAME
+
+    saved = run(*base, "--version", "v1")
+    assert saved.returncode == 0, saved.stderr
+    assert '"published": false' in saved.stdout and "rollout als v1" in saved.stderr
+    assert (tmp_path / "store" / "als" / "v1").is_dir() and not current.exists()
+
+    gated = run(*base, "--version", "v2", "--publish")
+    assert gated.returncode == EXIT_FAILED, gated.stderr
+    assert "not published" in gated.stderr and not current.exists()
+
+    forced = run(*base, "--version", "v3", "--publish", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert current.read_text().strip() == "v3"
+
+
+def test_health_follows_the_live_workers(trained_store: Path) -> None:
+    with Cluster(trained_store, {"als": 1}).start() as cluster:
+        args = ("--config", str(cluster.config_path), "health")
+        healthy = run(*args)
+        assert healthy.returncode == 0, healthy.stderr
+        assert "healthy: als (1 workers)" in healthy.stdout
+        cluster.workers[0].kill()
+        cluster.workers[0].wait()
+        one_line_error(run(*args), EXIT_FAILED, "unhealthy: no live worker for als")
+        assert cluster.broker is not None
+        cluster.broker.kill()
+        cluster.broker.wait()
+        one_line_error(run(*args), EXIT_UNREACHABLE, "no broker is listening")
+
+
+def test_sync_against_a_database_without_uros_tables_says_so(
+    empty_database: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "db.toml"
+    config.write_text(
+        f'store = "{tmp_path / "store"}"\n[database]\nurl = "{empty_database}"\n'
+        "retry_attempts = 1\n"
+    )
+    not_migrated = run("--config", str(config), "sync")
+    assert not_migrated.returncode == EXIT_FAILED
+    assert "run `uro-recs db migrate`" in not_migrated.stderr.splitlines()[-1]
+    assert run("--config", str(config), "db", "migrate").returncode == 0
+    # uro-recs' tables are there now, uro's (avatars, maps, ...) are not.
+    one_line_error(run("--config", str(config), "sync"), EXIT_USAGE, "has no such table")
