@@ -247,14 +247,82 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
     if missing:
         print(f"unhealthy: no live worker for {', '.join(missing)}", file=sys.stderr)
         return EXIT_FAILED
-    print("healthy: " + (", ".join(f"{n} ({live[n]} workers)" for n in wanted) or "no models"))
+    print("healthy: " + (", ".join(f"{n} ({_workers(live[n])})" for n in wanted) or "no models"))
     return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """The live broker's models, workers and the last minute's traffic, for a terminal."""
+    from uro_recs.sdk import Client
+
+    with Client(args.endpoint or config.client_endpoint, timeout=args.timeout) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    print(format_status(stats))
+    return 0
+
+
+def format_status(stats: dict[str, Any]) -> str:
+    """`stats` as a table: one row per model, the last minute's traffic beside its state.
+    Latencies are the upper bounds of the broker's histogram buckets, hence the "<="."""
+    uptime = int(stats["uptime_s"])
+    state = "draining" if stats["draining"] else "serving"
+    lines = [
+        f"broker: {state}, up {uptime // 3600}h{uptime % 3600 // 60:02d}m, "
+        f"{stats['clients']} clients, {stats['pending_bytes']} bytes pending",
+        "",
+    ]
+    header = (
+        "model",
+        "versions",
+        "workers",
+        "in flight",
+        "queued",
+        "req/s",
+        "p50",
+        "p99",
+        "errors",
+    )
+    rows = [header]
+    recent = stats.get("last_minute", {})
+    for name, model in sorted(stats["models"].items()):
+        minute = recent.get(name, {})
+        rows.append(
+            (
+                name,
+                ",".join(model["versions"]) or "-",
+                str(model["workers"]),
+                str(model["in_flight"]),
+                str(model["queued"]),
+                f"{minute.get('per_s', 0.0):g}",
+                _ms(minute.get("p50_ms")),
+                _ms(minute.get("p99_ms")),
+                str(minute.get("errors", 0)),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.append("")
+    lines.append("req/s, latency (broker receipt to reply) and errors: the last minute")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker" if count == 1 else f"{count} workers"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "> 60 s" if value > 60_000 else f"<= {value:g} ms"
 
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     """The configuration loaded (ConfigError otherwise), summed up for a person."""
     source = str(args.config) if args.config is not None else "no file: defaults and environment"
-    models = ", ".join(f"{m.name} ({m.workers} workers)" for m in config.models) or "none"
+    models = ", ".join(f"{m.name} ({_workers(m.workers)})" for m in config.models) or "none"
     print(f"config: {source}")
     print(f"  run_dir: {config.run_dir.absolute()}  (client socket {config.client_endpoint})")
     print(f"  store:   {config.store.absolute()}")
@@ -484,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--endpoint", default="", help="default: the configured IPC socket")
     health.add_argument("--timeout", type=float, default=1.0, help="seconds to wait")
     health.set_defaults(func=cmd_health)
+    status = add(sub, "status", help="models, workers and the last minute's traffic")
+    status.add_argument("--endpoint", default="", help="default: the configured IPC socket")
+    status.add_argument("--timeout", type=float, default=1.0, help="seconds to wait")
+    status.add_argument("--json", action="store_true", help="the broker's stats, as JSON")
+    status.set_defaults(func=cmd_status)
 
     recommend = add(sub, "recommend", help="ask the running broker for one user")
     recommend.add_argument("user")

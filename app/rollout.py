@@ -25,14 +25,19 @@ class RolloutError(RuntimeError):
 
 
 def previous_version(config: Config, model: str) -> str:
-    """The newest stored version older than CURRENT: what a rollback goes back to."""
-    from uro_recs.core.model_store import current_version, list_versions
+    """The version that was CURRENT before the present one, from the store's record of them
+    (never merely the newest older name: that may be a version nobody chose to serve)."""
+    from uro_recs.core.model_store import current_history, current_version, list_versions
 
     current = current_version(config.store, model)
-    older = [v for v in list_versions(config.store, model) if v < current]
-    if not older:
-        raise RolloutError(f"{model}: no version older than {current} in {config.store}")
-    return older[-1]
+    stored = set(list_versions(config.store, model))
+    for version in reversed(current_history(config.store, model)):
+        if version != current and version in stored:
+            return version
+    raise RolloutError(
+        f"{model}: the store records no version served before {current}; "
+        f"name one: uro-recs rollout {model} VERSION"
+    )
 
 
 def rollout(
@@ -64,7 +69,7 @@ def rollout(
     started = time.monotonic()
     with Client(config.control_endpoint, timeout=5.0) as control:
         try:
-            control.stats()  # reachable? then CURRENT may change
+            served = control.stats()["models"].get(model, {}).get("versions", [])
         except UroRecsError as exc:
             raise RolloutError(
                 f"{model}: cannot ask the broker on {config.control_endpoint} ({exc}); "
@@ -103,7 +108,7 @@ def rollout(
             time.sleep(0.1)
     return {
         "model": model,
-        "from": before,
+        "from": ",".join(served) or before,  # what the workers served, else the store's CURRENT
         "to": version,
         "workers": state["workers"],
         "moved": told.get("moving"),

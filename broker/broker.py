@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
@@ -37,6 +37,9 @@ from uro_recs.broker.core import (
 from uro_recs.core.config import BrokerConfig
 from uro_recs.core.model_store import MANIFEST_NAME, version_dir
 from uro_recs.core.wakeup import Wakeup
+
+if TYPE_CHECKING:
+    from uro_recs.broker.metrics import MetricsExporter
 
 log = structlog.get_logger("uro_recs.broker")
 
@@ -100,6 +103,12 @@ class Broker:
             UnwatchProcess: lambda a: self._unwatch(a.identity),
             LogEvent: self._log,
         }
+        self.metrics: MetricsExporter | None = None
+        if config.metrics_address:
+            from uro_recs.broker.metrics import MetricsExporter
+
+            self.metrics = MetricsExporter(config.metrics_address)
+            self.metrics.update(self.core, time.monotonic(), force=True)
 
     def _bind(self, kind: int, endpoint: str, max_bytes: int = -1) -> zmq.Socket[bytes]:
         sock = self.context.socket(kind)
@@ -170,6 +179,8 @@ class Broker:
             self.core.tick(time.monotonic())
             self._carry_out()
             self._check_tracked()
+            if self.metrics is not None:
+                self.metrics.update(self.core, time.monotonic())
             if self.core.finished:
                 self.running = False
         log.info("broker_stopped", counters=dict(self.core.counters))
@@ -181,6 +192,8 @@ class Broker:
             self._on_drain()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         for sock in (*self.frontends, self.backend):
             sock.close(linger=0)
         for fd in self._pidfd_owners:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from uro_recs.broker.stats import RequestStats
 from uro_recs.core import protocol
 from uro_recs.core.config import BrokerConfig
 from uro_recs.core.protocol import (
@@ -104,6 +105,8 @@ class Pending:
     state: PendingState = PendingState.QUEUED
     worker: bytes = b""  # while in flight
     seq: int = 0  # while in flight
+    op: str = ""  # for the request statistics
+    received: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -175,6 +178,8 @@ class BrokerCore:
         self.drain_deadline = 0.0
         self.finished = False  # drained: the shell may exit
         self.pending_bytes = 0  # bodies of every queued and in-flight request
+        self.requests = RequestStats()
+        self._now = now  # the time of the event being handled
         self.live = 0  # queued and in-flight requests
         self._actions: list[Action] = []
         self._seq = itertools.count(1)
@@ -204,6 +209,7 @@ class BrokerCore:
 
     def tick(self, now: float) -> None:
         """Heartbeats, liveness, deadlines and the drain: call at least at `next_wakeup()`."""
+        self._now = now
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self._heartbeat_s
             for worker in list(self.workers.values()):
@@ -216,6 +222,7 @@ class BrokerCore:
             self._check_drained(now)
 
     def begin_drain(self, now: float) -> None:
+        self._now = now
         if not self.draining:
             self.draining = True
             self.drain_deadline = now + self.config.drain_timeout_s
@@ -245,6 +252,7 @@ class BrokerCore:
 
     def client_message(self, frontend: int, client: bytes, frames: list[bytes], now: float) -> None:
         """One message from a client connection, identity frame removed."""
+        self._now = now
         self.counters["requests_received"] += 1
         try:
             body = protocol.client_body(frames)
@@ -265,7 +273,7 @@ class BrokerCore:
 
     def _admit(self, key: ClientKey, request: Request, body: bytes, now: float) -> None:
         if self.draining:
-            self._reject(key, request.id, ErrorCode.UNAVAILABLE, "broker is draining")
+            self._reject(key, request, ErrorCode.UNAVAILABLE, "broker is draining")
             return
         ingest = request.op is Op.INGEST
         name = protocol.INGEST_WORKERS if ingest else request.model
@@ -273,24 +281,27 @@ class BrokerCore:
         model = self.models.get(name)
         if model is None:
             message = "no ingest worker is configured" if ingest else f"no model named {name!r}"
-            self._reject(key, request.id, ErrorCode.UNKNOWN_MODEL, message)
+            self._reject(key, request, ErrorCode.UNKNOWN_MODEL, message)
             return
         if model.live_workers() == 0:
             what = "ingest" if ingest else f"model {name!r}"
             message = f"{what} has no live worker; retry shortly"
-            self._reject(key, request.id, ErrorCode.UNAVAILABLE, message)
+            self._reject(key, request, ErrorCode.UNAVAILABLE, message)
             return
         usage = self.clients.get(key) or ClientUsage()
         refusal = self._over_limits(model, usage, len(body))
         if refusal is not None:
-            self._reject(key, request.id, ErrorCode.OVERLOADED, refusal)
+            self._reject(key, request, ErrorCode.OVERLOADED, refusal)
             return
         timeout_ms = request.timeout_ms or self.config.default_timeout_ms
         deadline = now + timeout_ms / 1000
         args = request.args
         cost = len(args.users) if isinstance(args, RecommendArgs) else 1
         heavy = cost > self.config.heavy_request_users
-        pending = Pending(key, request.id, model.name, body, cost, heavy, deadline, deadline)
+        pending = Pending(
+            key, request.id, model.name, body, cost, heavy, deadline, deadline,
+            op=request.op.value, received=now,
+        )  # fmt: skip
         self.clients[key] = usage
         usage.requests += 1
         usage.bytes += len(body)
@@ -328,18 +339,18 @@ class BrokerCore:
     def _on_control(self, key: ClientKey, request: Request) -> None:
         if key[0] != self.control_frontend:
             message = f"{request.op} is accepted on the control endpoint only"
-            self._reject(key, request.id, ErrorCode.BAD_REQUEST, message)
+            self._reject(key, request, ErrorCode.BAD_REQUEST, message)
             return
         assert isinstance(request.args, RolloutArgs) and request.model is not None
         model = self.models.get(request.model)
         if model is None:
             message = f"no model named {request.model!r}"
-            self._reject(key, request.id, ErrorCode.UNKNOWN_MODEL, message)
+            self._reject(key, request, ErrorCode.UNKNOWN_MODEL, message)
             return
         version = request.args.version
         problem = self.version_problem(model.name, version) if self.version_problem else None
         if problem is not None:
-            self._reject(key, request.id, ErrorCode.BAD_REQUEST, problem)
+            self._reject(key, request, ErrorCode.BAD_REQUEST, problem)
             return
         model.target_version = version
         model.load_errors.clear()
@@ -524,14 +535,20 @@ class BrokerCore:
 
     # --- answering ------------------------------------------------------------------------------
 
-    def _reject(self, key: ClientKey, request_id: RequestId, code: ErrorCode, message: str) -> None:
+    def _reject(self, key: ClientKey, request: Request, code: ErrorCode, message: str) -> None:
         self.counters[f"rejected_{code.value}"] += 1
-        self._to_client(key[0], key[1], protocol.encode_error(request_id, code, message))
+        name = protocol.INGEST_WORKERS if request.op is Op.INGEST else request.model
+        # Only configured or announced models name a series: a caller's typo must not.
+        label = name if name in self.models else "(unknown)"
+        self.requests.record(label, request.op.value, code.value, self._now)
+        self._to_client(key[0], key[1], protocol.encode_error(request.id, code, message))
 
-    def _answer(self, pending: Pending, body: bytes) -> None:
+    def _answer(self, pending: Pending, body: bytes, outcome: str) -> None:
         """The one reply of an accepted request; releases everything it held."""
         assert pending.state is not PendingState.DONE
         pending.state = PendingState.DONE
+        seconds = self._now - pending.received
+        self.requests.record(pending.model, pending.op, outcome, self._now, seconds)
         self.live -= 1
         self.pending_bytes -= len(pending.body)
         usage = self.clients.get(pending.client)
@@ -544,7 +561,7 @@ class BrokerCore:
 
     def _answer_error(self, pending: Pending, code: ErrorCode, message: str) -> None:
         self.counters[f"answered_{code.value}"] += 1
-        self._answer(pending, protocol.encode_error(pending.request_id, code, message))
+        self._answer(pending, protocol.encode_error(pending.request_id, code, message), code.value)
 
     def _forget_idle_client(self, key: ClientKey, usage: ClientUsage) -> None:
         if usage.requests <= 0 and usage.unread_reply_bytes <= 0:
@@ -563,6 +580,7 @@ class BrokerCore:
 
     def worker_message(self, identity: bytes, frames: list[bytes], now: float) -> None:
         """One message from a worker connection, identity frame removed."""
+        self._now = now
         try:
             header = protocol.parse_worker_header(frames[0] if frames else b"")
         except ProtocolError:
@@ -680,7 +698,7 @@ class BrokerCore:
             self.counters["late_replies_dropped"] += 1
             return
         self._release(worker, pending)
-        self._answer(pending, body)
+        self._answer(pending, body, _reply_outcome(body))
         self._forget_if_drained(worker, now)
         self._pump(self.models[worker.model], now)
 
@@ -706,6 +724,7 @@ class BrokerCore:
     def worker_gone(self, identity: bytes, reason: str, now: float) -> None:
         """The worker died (its process exited, its connection failed, or it went silent):
         redeliver once what it held if the deadline allows, else answer `worker_lost`."""
+        self._now = now
         worker = self.workers.get(identity)
         if worker is None:
             return
@@ -776,6 +795,7 @@ class BrokerCore:
         return {
             "uptime_s": round(now - self.started_at, 3),
             "draining": self.draining,
+            "last_minute": self.requests.last_minute(now),
             "models": {
                 m.name: {
                     "workers": len(m.workers),
@@ -817,3 +837,18 @@ class BrokerCore:
 def _identity_text(identity: bytes) -> str:
     text = identity.decode("utf-8", errors="replace")
     return text if text.isprintable() else identity.hex()
+
+
+_OK_TRUE = b"\xa2ok\xc3"  # "ok": true, as every reply encodes it near its start
+
+
+def _reply_outcome(body: bytes) -> str:
+    """A worker's reply as a statistics outcome: "ok" or its error code. The success path
+    looks at a few bytes; only an error reply is decoded."""
+    if _OK_TRUE in body[:64]:
+        return "ok"
+    try:
+        reply = protocol.decode_reply(body)
+    except ProtocolError:
+        return ErrorCode.INTERNAL.value
+    return "ok" if reply.error is None else reply.error.code.value

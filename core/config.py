@@ -78,11 +78,21 @@ class BrokerConfig:
     # control and workers sockets are always owner-only (0600).
     client_socket_mode: str = ""  # octal, e.g. "0660"
     client_socket_group: str = ""  # e.g. "uro-recs"
+    # Prometheus metrics over HTTP at "host:port" (e.g. "127.0.0.1:9464"); empty: off.
+    # Keep it on loopback: the numbers are for the machine's own Prometheus.
+    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         mode = self.client_socket_mode
         if mode and (not all(c in "01234567" for c in mode) or int(mode, 8) > 0o777):
             raise ConfigError(f"broker.client_socket_mode: expected octal like 0660, got {mode!r}")
+        if self.metrics_address:
+            host, _, port = self.metrics_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    "broker.metrics_address: expected host:port like 127.0.0.1:9464, "
+                    f"got {self.metrics_address!r}"
+                )
 
     @property
     def client_socket_mode_bits(self) -> int | None:

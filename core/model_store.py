@@ -28,6 +28,8 @@ log = structlog.get_logger(__name__)
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
+HISTORY_NAME = "HISTORY"  # one line per set_current: "<UTC time> <version>"
+_HISTORY_READ_BYTES = 64 * 1024
 POPULAR_ITEMS_MAX = 1000
 # The model's own files in a version directory start with this stem (libreco's save names).
 MODEL_FILE_STEM = "model"
@@ -192,7 +194,28 @@ def set_current(store: Path, model_name: str, version: str) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(model_dir)
+    with (model_dir / HISTORY_NAME).open("a", encoding="utf-8") as history:
+        history.write(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {version}\n")
+        history.flush()
+        os.fsync(history.fileno())
     log.info("model_current_set", model=model_name, version=version)
+
+
+def current_history(store: Path, model_name: str) -> list[str]:
+    """The versions that were CURRENT, oldest first, as `set_current` recorded them (the
+    last 64 KiB of the record: thousands of entries)."""
+    _check_name(model_name, "model name")
+    try:
+        with (store / model_name / HISTORY_NAME).open("rb") as history:
+            start = max(0, history.seek(0, os.SEEK_END) - _HISTORY_READ_BYTES)
+            history.seek(start)
+            lines = history.read().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    if start > 0:
+        lines = lines[1:]  # the first may be the tail of a line cut off by the seek
+    versions = [line.rpartition(" ")[2] for line in lines]
+    return [v for v in versions if _NAME_PATTERN.fullmatch(v)]
 
 
 def current_version(store: Path, model_name: str) -> str:

@@ -56,7 +56,7 @@ def test_config_is_taken_before_or_after_the_command(config: Path, tmp_path: Pat
     after = run("check-config", "--config", str(config))
     assert before.returncode == after.returncode == 0, before.stderr + after.stderr
     assert before.stdout == after.stdout
-    assert str(tmp_path / "store") in after.stdout and "als (1 workers)" in after.stdout
+    assert str(tmp_path / "store") in after.stdout and "als (1 worker)" in after.stdout
 
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_health_follows_the_live_workers(trained_store: Path) -> None:
         args = ("--config", str(cluster.config_path), "health")
         healthy = run(*args)
         assert healthy.returncode == 0, healthy.stderr
-        assert "healthy: als (1 workers)" in healthy.stdout
+        assert "healthy: als (1 worker)" in healthy.stdout
         cluster.workers[0].kill()
         cluster.workers[0].wait()
         one_line_error(run(*args), EXIT_FAILED, "unhealthy: no live worker for als")

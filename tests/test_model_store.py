@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from uro_recs.app.rollout import RolloutError, previous_version
+from uro_recs.core.config import Config
 from uro_recs.core.model_store import (
+    HISTORY_NAME,
     Manifest,
     StoreCorrupt,
     StoreError,
     VersionNotFound,
+    current_history,
     current_version,
     list_versions,
     new_version_name,
@@ -164,7 +168,13 @@ def test_current_pointer_follows_set_current(tmp_path: Path) -> None:
     set_current(tmp_path, "als", "v2")
     assert current_version(tmp_path, "als") == "v2"
     assert (tmp_path / "als" / "CURRENT").read_text() == "v2\n"
-    assert sorted(p.name for p in (tmp_path / "als").iterdir()) == ["CURRENT", "v1", "v2"]
+    # No temporary file left behind; the record of what was CURRENT beside the pointer.
+    assert sorted(p.name for p in (tmp_path / "als").iterdir()) == [
+        "CURRENT",
+        "HISTORY",
+        "v1",
+        "v2",
+    ]
 
 
 def test_set_current_refuses_a_version_that_does_not_exist(tmp_path: Path) -> None:
@@ -198,3 +208,52 @@ def test_new_version_names_are_utc_and_sortable() -> None:
     moment = datetime(2026, 11, 27, 3, 15, 0, tzinfo=UTC)
     assert new_version_name(moment) == "2026-11-27T031500Z"
     assert new_version_name(moment.replace(hour=10)) > new_version_name(moment)
+
+
+def test_a_model_the_store_lacks_is_named_with_the_ones_it_has(tmp_path: Path) -> None:
+    _save(tmp_path, "v1")
+    with pytest.raises(VersionNotFound, match=r"no model named 'alss' .*it has als\)"):
+        current_version(tmp_path, "alss")
+    with pytest.raises(VersionNotFound, match=r"has no CURRENT version .*versions: v1"):
+        current_version(tmp_path, "als")
+
+
+def test_set_current_records_what_was_current_in_order(tmp_path: Path) -> None:
+    for version in ("v1", "v2", "v3"):
+        _save(tmp_path, version)
+    for version in ("v2", "v1", "v3", "v1"):
+        set_current(tmp_path, "als", version)
+    assert current_history(tmp_path, "als") == ["v2", "v1", "v3", "v1"]
+    assert current_history(tmp_path, "nobody") == []
+
+
+def test_rollback_goes_to_what_was_served_before_not_the_newest_older_name(
+    tmp_path: Path,
+) -> None:
+    for version in ("2026-01-01T000000Z", "2026-02-01T000000Z", "2026-03-01T000000Z"):
+        _save(tmp_path, version)
+    set_current(tmp_path, "als", "2026-01-01T000000Z")
+    set_current(tmp_path, "als", "2026-03-01T000000Z")
+    # February was trained (say, on synthetic data) and never served: a rollback skips it.
+    config = Config(store=tmp_path)
+    assert previous_version(config, "als") == "2026-01-01T000000Z"
+    set_current(tmp_path, "als", "2026-01-01T000000Z")  # rolled back: a second one undoes it
+    assert previous_version(config, "als") == "2026-03-01T000000Z"
+
+
+def test_rollback_without_a_record_names_no_guess(tmp_path: Path) -> None:
+    _save(tmp_path, "v1")
+    _save(tmp_path, "v2")
+    set_current(tmp_path, "als", "v2")
+    (tmp_path / "als" / HISTORY_NAME).unlink()  # a store from before the record was kept
+    with pytest.raises(RolloutError, match="records no version served before v2"):
+        previous_version(Config(store=tmp_path), "als")
+
+
+def test_the_record_is_read_from_its_end_when_long(tmp_path: Path) -> None:
+    _save(tmp_path, "v1")
+    _save(tmp_path, "v2")
+    history = tmp_path / "als" / HISTORY_NAME
+    history.write_text("2026-01-01T00:00:00Z v1\n" * 5000)  # over the 64 KiB read
+    set_current(tmp_path, "als", "v2")
+    assert current_history(tmp_path, "als")[-2:] == ["v1", "v2"]

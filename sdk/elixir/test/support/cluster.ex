@@ -64,8 +64,16 @@ defmodule UroRecs.TestCluster do
         Enum.reduce(1..count, cluster, fn _, cluster -> start_worker(cluster, model) end)
       end)
 
-    wait_for_workers(cluster, workers)
-    cluster
+    try do
+      wait_for_workers(cluster, workers)
+      cluster
+    rescue
+      # The test's on_exit never learns of a cluster that failed to start: stop its
+      # processes here, and keep its directory for the logs the error points at.
+      error ->
+        kill_all(cluster)
+        reraise error, __STACKTRACE__
+    end
   end
 
   @spec start_broker(t()) :: t()
@@ -142,11 +150,15 @@ defmodule UroRecs.TestCluster do
 
   @spec stop(t()) :: :ok
   def stop(cluster) do
-    pids = [cluster.broker | Enum.flat_map(cluster.workers, fn {_, pids} -> pids end)]
-    for pid <- pids, alive?(pid), do: signal(pid, "KILL")
+    kill_all(cluster)
     # URO_RECS_KEEP_LOGS=1 keeps the directory (logs, config, store) for a post-mortem.
     if System.get_env("URO_RECS_KEEP_LOGS") in [nil, ""], do: File.rm_rf(cluster.dir)
     :ok
+  end
+
+  defp kill_all(cluster) do
+    pids = [cluster.broker | Enum.flat_map(cluster.workers, fn {_, pids} -> pids end)]
+    for pid <- pids, alive?(pid), do: signal(pid, "KILL")
   end
 
   @doc "Runs tests/sdk_answers.py: the Python SDK's answers to `requests` (msgpack both ways)."
