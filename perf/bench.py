@@ -16,7 +16,7 @@ whose p99 stays at or under 10 ms with no errors (bisected three times at the ed
 the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
 saturated throughput, whatever the latency. perf/floor.py first measures what one and two
 ZeroMQ hops between idle Python processes cost on this machine. Writes a JSON file and a PNG
-chart, prints a summary table.
+chart (perf/chart.py; `python -m perf.chart <json> <png>` redraws it), prints a summary table.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ apply_thread_limits(1)  # before numpy: like for like, one thread in every syste
 import pandas as pd  # noqa: E402
 
 from perf import floor  # noqa: E402
+from perf.chart import chart  # noqa: E402
 from perf.loadgen import (  # noqa: E402
     RequestMix,
     RunResult,
@@ -406,32 +407,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def chart(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, result in zip(axes[0], results, strict=True):
-        for system, steps in result["systems"].items():
-            points = sorted(
-                (s["offered_rate"], s["p99_ms"]) for s in steps if not s.get("unloaded")
-            )
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
-        ax.axhline(P99_BUDGET_MS, color="grey", linestyle="--", linewidth=1)
-        ax.axvline(result["in_process"]["achieved_rate"], color="black", linestyle=":", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("offered rate (requests/s)")
-        ax.set_ylabel("p99 latency (ms)")
-        ax.set_title(f"{result['model']}, {result['catalogue']} catalogue")
-        ax.legend(fontsize=8)
-    fig.suptitle("p99 vs offered rate (dotted: in-process libreco throughput)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
@@ -463,6 +438,7 @@ def main() -> int:
     for row in zmq_floor:
         print_step(row, "ZeroMQ floor, no work done")
     results: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
     for catalogue in plan.catalogues:
         for model in plan.models:
             results.append(bench_model(args.dir, catalogue, model, plan))
@@ -483,7 +459,7 @@ def main() -> int:
         "ZeroMQ floor, one request at a time: "
         + ", ".join(f"{row['system']} p50 {row['p50_ms']:.3f} ms" for row in zmq_floor)
     )
-    chart(results, args.out / f"{name}.png")
+    chart(report, args.out / f"{name}.png")
     print(f"\nwrote {args.out / name}.json and .png")
     return 0
 
