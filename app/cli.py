@@ -692,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        configure_logging(config.log_format)
+        configure_logging(config.log_format, config.log_level)
         return int(args.func(config, args))
     except Exception as exc:
         if args.debug:

@@ -169,6 +169,9 @@ class SyncConfig:
     # Each user's latest interactions held out for evaluation; 0: none (no metrics).
     test_fraction: float = _setting(0.2, ge=0, le=0.9)
     refit: bool = True  # after evaluating, train again on everything before publishing
+    # A published version becomes CURRENT at once (and the retrain unit's rollout step moves
+    # the workers onto it); false: it waits in the store for `uro-recs rollout MODEL VERSION`.
+    go_live: bool = True
     threads: int = 2  # training threads
     # Label weight of a backpack save (any finite number); events carry their own.
     save_weight: float = _setting(1.0, ge=-math.inf)
@@ -189,6 +192,8 @@ class Config:
     store: Path = Path("var/store")  # the model store: <store>/<model>/<version>/
     # "auto": console on a terminal, JSON otherwise.
     log_format: str = _setting("auto", choices=("json", "console", "auto"))
+    # uro-recs' own lines at this level and worse; other libraries' at warning and worse.
+    log_level: str = _setting("info", choices=("debug", "info", "warning", "error"))
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)

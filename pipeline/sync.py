@@ -52,6 +52,7 @@ class SyncReport:
     kind: str
     version: str = ""
     status: str = ""  # "published" or "rejected"
+    went_live: bool = False  # published and made CURRENT ([sync] go_live)
     metrics: dict[str, float] = field(default_factory=dict)
     export: Export | None = None
     recovered: list[str] = field(default_factory=list)
@@ -90,9 +91,15 @@ class SyncReport:
         )
         if self.retries:
             lines.append(f"  retried:  {self.retries} transactions (conflicts, lost connections)")
-        if self.status == "published":
+        if self.status == "published" and self.went_live:
             lines.append(f"  version:  {self.version} is published and CURRENT in the store")
-            lines.append(f"  next:     uro-recs rollout {self.model} {self.version}")
+            lines.append(f"  next:     uro-recs rollout {self.model} (the retrain unit does)")
+        elif self.status == "published":
+            lines.append(
+                f"  version:  {self.version} is published; CURRENT is unchanged ([sync] go_live"
+                " = false)"
+            )
+            lines.append(f"  to serve: uro-recs rollout {self.model} {self.version}")
         elif self.status == "rejected":
             lines.append(
                 f"  version:  {self.version} scored below the popularity baseline and was not"
@@ -223,9 +230,11 @@ async def _sync_locked(
             raise SyncError(f"{report.model}/{version} left the 'trained' state")
 
     await db.transaction(publish, "publish")
-    set_current(config.store, report.model, version)
+    if config.sync.go_live:
+        set_current(config.store, report.model, version)
     report.timings["publish"] = time.perf_counter() - phase
     report.status = "published"
+    report.went_live = config.sync.go_live
     log.info(
         "model_published",
         model=report.model,

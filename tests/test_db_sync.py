@@ -4,6 +4,7 @@ what gets exported, what gets published, and what a failure leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -113,6 +114,22 @@ def test_sync_publishes_a_version_into_store_registry_and_current(
     assert again.version > report.version
     assert current_version(tmp_path, "als") == again.version
     assert_consistent(tmp_path, community_database, "als")
+
+
+def test_with_go_live_off_a_published_version_waits_for_a_rollout(
+    community_database: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    model = "als-manual"  # a registry history of its own in the module's database
+    live = sync(community_database, tmp_path, model)
+    config = make_config(community_database, tmp_path)
+    config = dataclasses.replace(config, sync=dataclasses.replace(config.sync, go_live=False))
+    waiting = asyncio.run(run_sync(config, model=model))
+    assert (waiting.status, waiting.went_live) == ("published", False)
+    assert current_version(tmp_path, model) == live.version  # serving is untouched
+    assert versions(community_database, model)[waiting.version] == "published"
+    assert f"uro-recs rollout {model} {waiting.version}" in waiting.summary()
+    assert_consistent(tmp_path, community_database, model)
 
 
 def test_a_model_below_the_popularity_baseline_is_published_only_when_forced(

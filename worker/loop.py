@@ -61,6 +61,7 @@ class WorkerLoop:
         self.max_message_bytes = broker.max_message_bytes
         self.context = context or zmq.Context.instance()
         self.identity = f"{name}-{os.getpid()}".encode()
+        self.label = self.identity.decode()  # how the broker's logs name this worker too
         self.draining = False
         self.drain_deadline = 0.0
         self.running = False
@@ -85,7 +86,7 @@ class WorkerLoop:
 
     def on_load(self, version: str) -> None:
         """The broker asked for another version (a rollout); by default there is none."""
-        log.warning("load_refused", worker=self.name, version=version)
+        log.warning("load_refused", worker=self.label, version=version)
         self.load_failed(version, "this worker cannot load versions")
 
     def after_wake(self) -> None:
@@ -168,7 +169,7 @@ class WorkerLoop:
         hello = self.hello()
         log.info(
             "worker_ready",
-            worker=self.name,
+            worker=self.label,
             version=hello.version,
             slots=hello.slots,
             endpoint=self.endpoint,
@@ -190,7 +191,7 @@ class WorkerLoop:
             if self.draining and not self._drain_announced:
                 self._drain_announced = True
                 self._send(protocol.DISCONNECT)
-                log.info("worker_draining", worker=self.name)
+                log.info("worker_draining", worker=self.label)
                 if on_drain is not None:
                     on_drain()
             if sock in events:
@@ -209,17 +210,17 @@ class WorkerLoop:
                 elif now >= self.drain_deadline or now >= broker_expires:
                     if self.has_pending_work():
                         self.stop_pending_work("the worker stopped before it could finish")
-                    log.info("worker_drained_without_broker", worker=self.name)
+                    log.info("worker_drained_without_broker", worker=self.label)
                     self.running = False
             elif now >= broker_expires:
-                log.warning("broker_lost", worker=self.name, endpoint=self.endpoint)
+                log.warning("broker_lost", worker=self.label, endpoint=self.endpoint)
                 if self.has_pending_work():
                     self.stop_pending_work(None)  # its seqs mean nothing to the next broker
                 poller.unregister(sock)
                 sock = self._connect()
                 poller.register(sock, zmq.POLLIN)
                 broker_expires = now + self.liveness_s
-        log.info("worker_stopped", worker=self.name, served=self.served, malformed=self.malformed)
+        log.info("worker_stopped", worker=self.label, served=self.served, malformed=self.malformed)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -254,13 +255,13 @@ class WorkerLoop:
             header = protocol.parse_worker_header(frames[0])
         except ProtocolError:  # no seq to answer: all we can do is say so
             self.malformed += 1
-            log.warning("broker_message_malformed", worker=self.name, frames=len(frames))
+            log.warning("broker_message_malformed", worker=self.label, frames=len(frames))
             return None
         command = header.command
         if command == protocol.REQUEST:
             if len(frames) != 2:
                 self.malformed += 1
-                log.warning("broker_request_malformed", worker=self.name, frames=len(frames))
+                log.warning("broker_request_malformed", worker=self.label, frames=len(frames))
                 message = f"worker got a REQUEST of {len(frames)} frames, expected 2 (header, body)"
                 self._send(
                     protocol.REPLY,
@@ -273,7 +274,7 @@ class WorkerLoop:
         if command == protocol.LOAD:
             if len(frames) != 2:
                 self.malformed += 1
-                log.warning("broker_load_malformed", worker=self.name, frames=len(frames))
+                log.warning("broker_load_malformed", worker=self.label, frames=len(frames))
                 return None
             self.on_load(frames[1].decode(errors="replace"))
             return None
@@ -281,11 +282,11 @@ class WorkerLoop:
             if self._drain_announced:
                 self._released = True  # the broker has let us go
             else:
-                log.info("worker_reregistering", worker=self.name)
+                log.info("worker_reregistering", worker=self.label)
                 self.register()
         elif command != protocol.HEARTBEAT:
             self.malformed += 1
-            log.warning("broker_command_unknown", worker=self.name, command=command)
+            log.warning("broker_command_unknown", worker=self.label, command=command)
         return None
 
     def heartbeat_if_due(self) -> None:

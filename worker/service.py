@@ -45,6 +45,7 @@ from uro_recs.worker.loop import Job, WorkerLoop, one_line
 from uro_recs.worker.recent_events import RecentEvents, exported_at
 
 log = structlog.get_logger("uro_recs.worker")
+_LOGGED_IDS = 20  # request ids named in one log line about a batch
 
 FIRST_CALL_USERS = 64  # users in a model call before the speed per user is measured
 
@@ -110,15 +111,19 @@ class WorkerService(WorkerLoop):
         if version in (self.engine.version, self._loading):
             return  # served already, or on its way
         if self.loader is None:
-            log.warning("version_load_refused", model=self.engine.name, version=version)
+            log.warning(
+                "version_load_refused", worker=self.label, model=self.engine.name, version=version
+            )
             self.load_failed(version, "this worker has no model store to load versions from")
             return
         if self._loading is not None:
-            log.warning("rollout_busy", model=self.engine.name, loading=self._loading)
+            log.warning(
+                "rollout_busy", worker=self.label, model=self.engine.name, loading=self._loading
+            )
             self.load_failed(version, f"this worker is still loading version {self._loading!r}")
             return
         self._loading = version
-        log.info("version_loading", model=self.engine.name, version=version)
+        log.info("version_loading", worker=self.label, model=self.engine.name, version=version)
         threading.Thread(target=self._load, args=(version,), daemon=True).start()
 
     def _load(self, version: str) -> None:
@@ -128,7 +133,9 @@ class WorkerService(WorkerLoop):
         try:
             self._loaded = self.loader(version)
         except BaseException as error:  # even SystemExit: the broker must hear of it
-            log.exception("version_load_failed", model=self.engine.name, version=version)
+            log.exception(
+                "version_load_failed", worker=self.label, model=self.engine.name, version=version
+            )
             self._load_error = one_line(error)
         self.wake()  # the loop switches now, not at its next poll
 
@@ -149,6 +156,7 @@ class WorkerService(WorkerLoop):
         self.register(protocol.UPDATE)
         log.info(
             "version_switched",
+            worker=self.label,
             model=self.engine.name,
             previous=previous.version,
             version=self.engine.version,
@@ -200,7 +208,12 @@ class WorkerService(WorkerLoop):
 
     def stop_pending_work(self, reason: str | None) -> None:
         pending, self._pending = self._pending, []
-        log.warning("recommend_abandoned", model=self.engine.name, requests=len(pending))
+        log.warning(
+            "recommend_abandoned",
+            worker=self.label,
+            requests=len(pending),
+            request_ids=[p.request.id for p in pending[:_LOGGED_IDS]],
+        )
         if reason is None:
             return
         for p in pending:
@@ -251,7 +264,12 @@ class WorkerService(WorkerLoop):
         try:
             recommendations = self.engine.recommend_batch(queries)
         except Exception as exc:
-            log.exception("recommend_failed", model=self.engine.name, users=len(queries))
+            log.exception(
+                "recommend_failed",
+                worker=self.label,
+                users=len(queries),
+                request_ids=[p.request.id for p, _ in chunk[:_LOGGED_IDS]],
+            )
             failed = {id(p) for p, _ in chunk}
             self._pending = [p for p in self._pending if id(p) not in failed]
             for p, _ in chunk:
@@ -330,7 +348,7 @@ class WorkerService(WorkerLoop):
         except EngineError as exc:
             self.reply_error(job, request.id, ErrorCode.INTERNAL, str(exc))
         except Exception as exc:
-            log.exception("request_failed", model=self.engine.name, op=request.op)
+            log.exception("request_failed", worker=self.label, op=request.op, request_id=request.id)
             self.reply_error(job, request.id, ErrorCode.INTERNAL, f"{request.op} failed: {exc}")
         else:
             self.reply(job, protocol.encode_ok(request.id, result))
