@@ -678,6 +678,10 @@ def explain(exc: BaseException, command: str) -> tuple[int, str]:
             f"the database has no such table ({exc}): [database] url must name uro's database, "
             "and `uro-recs db migrate` must have created uro-recs' own tables there"
         )
+    if isinstance(exc, asyncpg.UndefinedColumnError):
+        return EXIT_USAGE, (
+            f"uro-recs' tables are older than this version ({exc}): run `uro-recs db migrate`"
+        )
     if isinstance(exc, asyncpg.PostgresError):
         return EXIT_FAILED, f"database: {type(exc).__name__}: {exc}"
     if isinstance(exc, OSError):

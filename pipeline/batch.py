@@ -1,5 +1,5 @@
-"""`uro-recs batch-recommend`: top-N per item kind for every user the model knows, written
-into `recs_user_recommendations` as a new generation, then made live by one pointer flip.
+"""`uro-recs batch-recommend`: top-N per item kind for every user in uro's `users` table,
+written into `recs_user_recommendations` as a new generation, then made live by one pointer flip.
 
 Readers go through the `recs_live_user_recommendations` view, which joins the one-row
 `recs_recommendation_pointer`: each statement sees exactly one generation, so uro never shows
@@ -8,9 +8,19 @@ batches (one statement and one transaction each, retried on SQLSTATE 40001) whil
 still see the previous one; the flip is one small transaction; generations older than the
 last `keep_generations` are then deleted in batches.
 
-The users are the model's users, i.e. everyone with an interaction in the data the model was
-trained on ("active"). Items are the model's items that are public now, per kind; a user's
-consumed items are left out.
+The users are uro's: `users.id`, read in keyset pages of `page_rows`, so every user uro has
+gets rows and uro needs no fallback of its own. A user the model knows (an interaction in the
+data it was trained on) gets the model's ranking; a user it does not know (no interaction in
+the export, or joined after it) gets the cold-start list, flagged `cold_start`: per kind, the
+model's popular items (the manifest's `popular_items`, which the online `recommend` serves to
+unknown users; topped up by the items' interaction counts when the list holds fewer than N of
+a kind), scored with the share of the model's users who interacted with each. Items are the
+model's items that are public now, per kind; a known user's consumed items are left out.
+
+Memory: per user of the model, what libreco loads (its user -> inner id map, consumed items,
+embeddings) and nothing more; of uro's users, one page of ids (`page_rows`), the rows of the
+chunk being scored, and the batches waiting to be written (at most `write_concurrency` in
+flight, of `batch_rows` each).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +43,7 @@ from tqdm import tqdm
 from uro_recs.core.config import Config
 from uro_recs.core.db import Database, Lease
 from uro_recs.core.protocol import ITEM_KINDS
-from uro_recs.pipeline.export import read_catalog
+from uro_recs.pipeline.export import Snapshot, read_catalog
 
 if TYPE_CHECKING:
     from uro_recs.core.db import Connection
@@ -50,12 +60,15 @@ COLUMNS: Final = (
     "score",
     "model_version",
     "generated_at",
+    "cold_start",
 )
+USERS_TABLE: Final = "users"  # uro's users: every `id` gets rows
+_NIL: Final = uuid.UUID(int=0)  # below every other UUID: the keyset start
 LEASE_NAME: Final = "batch-recommend"
 # user x item scores computed at once: bounds the memory of one chunk (16 MB of float32)
 SCORES_PER_CHUNK: Final = 4_000_000
 
-Row = tuple[str, str, int, str, float]  # user_id, item_kind, rank, item_id, score
+Row = tuple[str, str, int, str, float, bool]  # user_id, item_kind, rank, item_id, score, cold
 
 
 @dataclass
@@ -63,7 +76,9 @@ class BatchReport:
     model: str
     version: str = ""
     generation: int = 0
-    n_users: int = 0
+    n_users: int = 0  # uro users given rows
+    n_cold_start: int = 0  # of them, users the model does not know: the popular items
+    n_without_rows: int = 0  # uro users left without a row (no public item to offer)
     rows_by_kind: dict[str, int] = field(default_factory=dict)
     purged: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -84,11 +99,15 @@ class BatchReport:
         lines = [
             f"batch-recommend {self.model}/{self.version}: generation {self.generation} is LIVE",
             f"  rows:     {self.n_rows:,} for {self.n_users:,} users ({kinds})",
+            f"  cold:     {self.n_cold_start:,} users the model does not know got the popular"
+            " items per kind (cold_start)",
             f"  written:  {self.rows_per_s:,.0f} rows/s by {self.method}"
             f" ({self.timings.get('write', 0.0):.1f} s scoring and writing)",
             "  time:     "
             + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.timings.items()),
         ]
+        if self.n_without_rows:
+            lines.append(f"  empty:    {self.n_without_rows:,} users got no row (no public item)")
         if self.purged:
             lines.append(f"  purged:   generations {', '.join(map(str, self.purged))}")
         if self.retries:
@@ -121,16 +140,17 @@ async def batch_recommend(
             report.version = loaded.version
             catalog = await read_catalog(db, config.database.page_rows)
             scorer = Scorer(loaded, catalog, per_kind)
+            n_uro_users = await count_uro_users(db)
             report.timings["load"] = time.perf_counter() - phase
             say(
-                f"scoring {scorer.n_users:,} users x {scorer.n_candidates:,} public items of"
-                f" {name}/{loaded.version}, top {per_kind} per kind"
+                f"scoring {n_uro_users:,} uro users ({scorer.n_users:,} known to the model) x"
+                f" {scorer.n_candidates:,} public items of {name}/{loaded.version},"
+                f" top {per_kind} per kind"
             )
             report.generation = await _start_generation(db, name, loaded.version)
             phase = time.perf_counter()
-            await _write_generation(db, config, report, scorer, progress)
+            await _write_generation(db, config, report, scorer, n_uro_users, progress)
             report.timings["write"] = time.perf_counter() - phase
-            report.n_users = scorer.n_users
             await _flip(db, lease, report)
             say(f"generation {report.generation} is live ({report.n_rows:,} rows)")
             phase = time.perf_counter()
@@ -148,6 +168,8 @@ async def batch_recommend(
         version=report.version,
         generation=report.generation,
         users=report.n_users,
+        cold_start_users=report.n_cold_start,
+        users_without_rows=report.n_without_rows,
         rows=report.n_rows,
         rows_per_s=round(report.rows_per_s),
         retries=report.retries,
@@ -161,6 +183,7 @@ class LoadedModel:
     model: Any  # the libreco model
     data_info: Any
     graph: Any  # the tf.Graph of a TensorFlow model, else None
+    popular_items: tuple[str, ...] = ()  # the manifest's: what unknown users are served
 
 
 def load_model(store: Path, name: str, version: str | None = None) -> LoadedModel:
@@ -183,11 +206,12 @@ def load_model(store: Path, name: str, version: str | None = None) -> LoadedMode
     with quiet(stderr=True), graph.as_default() if graph is not None else contextlib.nullcontext():
         data_info = DataInfo.load(str(directory), MODEL_FILE_STEM)
         model = model_class.load(str(directory), MODEL_FILE_STEM, data_info)
-    return LoadedModel(chosen, model, data_info, graph)
+    popular = tuple(str(item) for item in manifest.popular_items)
+    return LoadedModel(chosen, model, data_info, graph, popular)
 
 
 class Scorer:
-    """Top-N per kind for chunks of users.
+    """Top-N per kind for chunks of users; the popular items for users the model does not know.
 
     Models with embeddings (ALS) score a chunk with one matrix product, as libreco's
     `recommend_user` does; others with one libreco `predict` call over every (user, item)
@@ -200,7 +224,7 @@ class Scorer:
         info = loaded.data_info
         self.n_users = int(info.n_users)
         self.n_items = int(info.n_items)
-        self.user_ids: list[str] = [str(info.id2user[i]) for i in range(self.n_users)]
+        self.user2id: dict[str, int] = info.user2id  # libreco's own map, built once
         self.item_ids = np.array([str(info.id2item[i]) for i in range(self.n_items)], dtype=object)
         self.consumed: dict[int, list[int]] = info.user_consumed
         self.candidates: dict[str, npt.NDArray[np.int64]] = {
@@ -211,6 +235,7 @@ class Scorer:
             for kind in ITEM_KINDS
         }
         self.n_candidates = sum(len(c) for c in self.candidates.values())
+        self.popular = self._popular(info, loaded.popular_items)
         user_embeds = getattr(loaded.model, "user_embeds_np", None)
         item_embeds = getattr(loaded.model, "item_embeds_np", None)
         self._embeds = (
@@ -220,12 +245,71 @@ class Scorer:
         )
         self.chunk_users = max(1, SCORES_PER_CHUNK // max(1, self.n_items))
 
-    def user_chunks(self) -> Iterator[npt.NDArray[np.int64]]:
-        for start in range(0, self.n_users, self.chunk_users):
-            yield np.arange(start, min(start + self.chunk_users, self.n_users))
+    def _popular(
+        self, info: Any, popular_items: Sequence[str]
+    ) -> dict[str, list[tuple[str, float]]]:
+        """The cold-start list: per kind, up to n public items with their scores.
 
-    def rows(self, users: npt.NDArray[np.int64]) -> list[list[Row]]:
-        """Each user's rows (every kind, best first), in the order of `users`."""
+        The order is the manifest's `popular_items` (what the online `recommend` serves to
+        users it does not know), then, for a kind with fewer than n there, that kind's other
+        items by how many of the model's users interacted with them (then by id), which is
+        how the manifest's list is ordered. The score is that share of the model's users.
+        """
+        item_consumed: dict[int, Any] = getattr(info, "item_consumed", None) or {}
+        counts = np.array(
+            [len(item_consumed.get(i, ())) for i in range(self.n_items)], dtype=np.float64
+        )
+        shares = counts / max(1, self.n_users)
+        index = {item: i for i, item in enumerate(self.item_ids.tolist())}
+        listed = [index[item] for item in dict.fromkeys(popular_items) if item in index]
+        out: dict[str, list[tuple[str, float]]] = {}
+        for kind, candidates in self.candidates.items():
+            allowed = set(candidates.tolist())
+            chosen = [i for i in listed if i in allowed][: self.n]
+            if len(chosen) < self.n:
+                taken = set(chosen)
+                rest = sorted(
+                    (i for i in allowed if i not in taken),
+                    key=lambda i: (-counts[i], self.item_ids[i]),
+                )
+                chosen += rest[: self.n - len(chosen)]
+            out[kind] = [(str(self.item_ids[i]), float(shares[i])) for i in chosen]
+        return out
+
+    def cold_start_rows(self, user_id: str) -> list[Row]:
+        """The popular items of every kind for a user the model does not know."""
+        return [
+            (user_id, kind, rank + 1, item, score, True)
+            for kind, items in self.popular.items()
+            for rank, (item, score) in enumerate(items)
+        ]
+
+    def rows_for(self, user_ids: Sequence[str]) -> Iterator[tuple[list[Row], bool]]:
+        """Each user's rows and whether they are cold-start, in the order of `user_ids`;
+        the users the model knows are scored `chunk_users` at a time."""
+        for start in range(0, len(user_ids), self.chunk_users):
+            chunk = user_ids[start : start + self.chunk_users]
+            inner = [self.user2id.get(user) for user in chunk]
+            known = [(i, user) for i, user in zip(inner, chunk, strict=True) if i is not None]
+            scored = iter(
+                self.rows(np.array([i for i, _ in known], dtype=np.int64), [u for _, u in known])
+                if known
+                else []
+            )
+            for user, index in zip(chunk, inner, strict=True):
+                if index is None:
+                    yield self.cold_start_rows(user), True
+                else:
+                    yield next(scored), False
+
+    def rows(
+        self, users: npt.NDArray[np.int64], user_ids: Sequence[str] | None = None
+    ) -> list[list[Row]]:
+        """Each user's rows (every kind, best first), in the order of `users` (libreco's
+        inner ids; `user_ids` are their ids, looked up in libreco's id2user if not given)."""
+        if user_ids is None:
+            id2user = self.loaded.data_info.id2user
+            user_ids = [str(id2user[u]) for u in users.tolist()]
         logits = self._scores(users)
         # Consumed items can never come back: minus infinity sorts them last, then drops them.
         lengths = [len(self.consumed.get(int(u), ())) for u in users]
@@ -246,10 +330,9 @@ class Scorer:
             kept = np.isfinite(top_scores)
             probabilities = (1.0 / (1.0 + np.exp(-top_scores))).tolist()
             items = self.item_ids[candidates[top]].tolist()
-            for row, user in enumerate(users.tolist()):
-                user_id = self.user_ids[user]
+            for row, user_id in enumerate(user_ids):
                 out[row].extend(
-                    (user_id, kind, rank + 1, items[row][rank], probabilities[row][rank])
+                    (user_id, kind, rank + 1, items[row][rank], probabilities[row][rank], False)
                     for rank in range(int(kept[row].sum()))
                 )
         return out
@@ -299,8 +382,36 @@ async def _start_generation(db: Database, model: str, version: str) -> int:
     return await db.transaction(start, "start_generation")
 
 
+async def count_uro_users(db: Database) -> int:
+    snapshot = await Snapshot.take(db)
+    return int(await db.fetchval(f"SELECT count(*) FROM {USERS_TABLE} {snapshot.clause}"))
+
+
+async def uro_user_pages(db: Database, page_rows: int) -> AsyncIterator[list[str]]:
+    """Every id in uro's users table, in keyset pages on the primary key. Each page reads
+    at its own snapshot (a follower read on CockroachDB), so a long run never outlives one."""
+    after = _NIL
+    while True:
+        snapshot = await Snapshot.take(db)
+        rows = await db.fetch(
+            f"SELECT id FROM {USERS_TABLE} {snapshot.clause} WHERE id > $1 ORDER BY id LIMIT $2",
+            after,
+            page_rows,
+        )
+        if rows:
+            yield [str(row["id"]) for row in rows]
+        if len(rows) < page_rows:
+            return
+        after = rows[-1]["id"]
+
+
 async def _write_generation(
-    db: Database, config: Config, report: BatchReport, scorer: Scorer, progress: bool
+    db: Database,
+    config: Config,
+    report: BatchReport,
+    scorer: Scorer,
+    n_uro_users: int,
+    progress: bool,
 ) -> None:
     generated_at = datetime.now(UTC)
     batch_rows = config.database.batch_rows
@@ -323,11 +434,16 @@ async def _write_generation(
         in_flight.add(asyncio.create_task(one(rows)))
 
     try:
-        bar = tqdm(total=scorer.n_users, desc="batch", unit=" users", disable=not progress)
+        bar = tqdm(total=n_uro_users, desc="batch", unit=" users", disable=not progress)
         with bar:
-            for users in scorer.user_chunks():
+            async for user_ids in uro_user_pages(db, config.database.page_rows):
                 pending: list[Row] = []
-                for user_rows in scorer.rows(users):
+                for user_rows, cold_start in scorer.rows_for(user_ids):
+                    if not user_rows:
+                        report.n_without_rows += 1
+                        continue
+                    report.n_users += 1
+                    report.n_cold_start += cold_start
                     # A user's rows stay in one batch, which is what a COPY retry deletes.
                     if pending and len(pending) + len(user_rows) > batch_rows:
                         await submit(pending)
@@ -337,7 +453,7 @@ async def _write_generation(
                         report.rows_by_kind[row[1]] = report.rows_by_kind.get(row[1], 0) + 1
                 if pending:
                     await submit(pending)
-                bar.update(len(users))
+                bar.update(len(user_ids))
         while in_flight:
             done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -354,8 +470,8 @@ async def _insert_batch(
 ) -> None:
     """One multi-row INSERT; a retry after an unknown commit finds its rows and skips them."""
     values = ", ".join(
-        f"($1, ${4 + 5 * i}::UUID, ${5 + 5 * i}::TEXT, ${6 + 5 * i}::INT4,"
-        f" ${7 + 5 * i}::UUID, ${8 + 5 * i}::FLOAT8, $2, $3)"
+        f"($1, ${4 + 6 * i}::UUID, ${5 + 6 * i}::TEXT, ${6 + 6 * i}::INT4,"
+        f" ${7 + 6 * i}::UUID, ${8 + 6 * i}::FLOAT8, $2, $3, ${9 + 6 * i}::BOOL)"
         for i in range(len(rows))
     )
     args: list[Any] = [generation, version, generated_at]
@@ -381,8 +497,18 @@ async def _copy_batch(
         TABLE,
         columns=list(COLUMNS),
         records=[
-            (generation, uuid.UUID(user), kind, rank, uuid.UUID(item), score, version, generated_at)
-            for user, kind, rank, item, score in rows
+            (
+                generation,
+                uuid.UUID(user),
+                kind,
+                rank,
+                uuid.UUID(item),
+                score,
+                version,
+                generated_at,
+                cold_start,
+            )
+            for user, kind, rank, item, score, cold_start in rows
         ],
     )
 

@@ -1,12 +1,16 @@
-"""Batch recommendations: right per kind, written in retried batches, and flipped so that no
-reader ever sees two generations mixed."""
+"""Batch recommendations: right per kind, for every uro user (the popular items, flagged
+cold_start, for users the model does not know), written in retried batches, and flipped so
+that no reader ever sees two generations mixed."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 import uuid
 from collections import defaultdict
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +23,11 @@ from tests.db_fixtures import (  # noqa: F401
     Community,
     community,
     community_database,
+    empty_database,
     make_config,
     with_database,
 )
-from uro_recs.core.db import Database
+from uro_recs.core.db import Database, load_migrations, migrate
 from uro_recs.core.model_store import current_version
 from uro_recs.pipeline import batch as batch_module
 from uro_recs.pipeline.batch import BatchReport, Scorer, batch_recommend, load_model
@@ -30,11 +35,28 @@ from uro_recs.pipeline.sync import run_sync
 
 pytestmark = pytest.mark.slow
 N = 5  # per kind, as make_config sets it
+KINDS = ("avatar", "map", "prop")
+IDLE_USER = "00000000-0000-4000-8000-00000000a1d1"  # a uro user since before the export, idle
+NEWCOMER = "ffffffff-ffff-4fff-8fff-fffffffffe01"  # joins after the export, then plays a map
+
+
+def add_uro_user(url: str, user: str, name: str) -> None:
+    async def add(db: Database) -> None:
+        await db.execute(
+            "INSERT INTO users (id, username, display_name, created_at, updated_at)"
+            " VALUES ($1::UUID, $2, $2, now(), now())",
+            user,
+            name,
+        )
+
+    with_database(url, add)
 
 
 @pytest.fixture(scope="module")
 def store(community_database: str, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """A store with two published versions of "als" (the newer one CURRENT)."""
+    """A store with two published versions of "als" (the newer one CURRENT), exported from
+    the community plus IDLE_USER, a uro user without a single interaction."""
+    add_uro_user(community_database, IDLE_USER, "idle")
     path = tmp_path_factory.mktemp("batch_store")
     for _ in range(2):
         report = asyncio.run(run_sync(make_config(community_database, path), epochs=3))
@@ -51,7 +73,7 @@ def live_rows(url: str, users: list[str] | None = None) -> list[dict[str, Any]]:
     async def read(db: Database) -> list[dict[str, Any]]:
         rows = await db.fetch(
             "SELECT user_id::TEXT AS user_id, item_kind, rank, item_id::TEXT AS item_id, score,"
-            " model_version, generation FROM recs_live_user_recommendations"
+            " model_version, generation, cold_start FROM recs_live_user_recommendations"
             + ("" if users is None else " WHERE user_id = ANY($1::UUID[])"),
             *([] if users is None else [users]),
         )
@@ -74,8 +96,9 @@ def test_batch_gives_each_user_the_models_ranking_restricted_to_each_kind(
     loaded = load_model(store, "als")
     by_user: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for row in sorted(rows, key=lambda r: r["rank"]):
-        by_user[row["user_id"]][row["item_kind"]].append(row["item_id"])
-    assert len(by_user) == loaded.data_info.n_users
+        if not row["cold_start"]:
+            by_user[row["user_id"]][row["item_kind"]].append(row["item_id"])
+    assert set(by_user) == set(loaded.data_info.user2id)  # every model user is a uro user
     for user in list(by_user)[:: max(1, len(by_user) // 25)]:
         consumed = len(loaded.data_info.user_consumed[loaded.data_info.user2id[user]])
         ranking = loaded.model.recommend_user(
@@ -84,6 +107,129 @@ def test_batch_gives_each_user_the_models_ranking_restricted_to_each_kind(
         for kind in ("avatar", "map", "prop"):
             expected = [item for item in ranking if community.public.get(item) == kind][:N]
             assert by_user[user][kind] == expected
+
+
+def uro_users(url: str) -> set[str]:
+    async def read(db: Database) -> set[str]:
+        return {str(row["id"]) for row in await db.fetch("SELECT id FROM users")}
+
+    return with_database(url, read)
+
+
+def test_every_uro_user_gets_rows_and_users_the_model_does_not_know_get_the_popular_items(
+    community_database: str,  # noqa: F811
+    community: Community,  # noqa: F811
+    store: Path,
+) -> None:
+    from uro_recs.worker.engine import load_engine
+
+    add_uro_user(community_database, NEWCOMER, "newcomer")
+    played = next(item for item, kind in sorted(community.public.items()) if kind == "map")
+
+    async def play(db: Database) -> None:  # after the export: the model cannot know it
+        await db.execute(
+            "INSERT INTO recs_events (user_id, item_kind, item_id, event, occurred_at)"
+            " VALUES ($1::UUID, 'map', $2::UUID, 'play', $3)",
+            NEWCOMER,
+            played,
+            datetime.now(UTC),
+        )
+
+    with_database(community_database, play)
+    started = time.perf_counter()
+    report = run_batch(community_database, store)
+    seconds = time.perf_counter() - started
+    rows = live_rows(community_database)
+
+    users = uro_users(community_database)
+    known = set(load_model(store, "als").data_info.user2id)
+    cold = users - known
+    assert {IDLE_USER, NEWCOMER} <= cold
+    assert {row["user_id"] for row in rows} == users  # every uro user, and only them
+    assert report.n_users == len(users) and report.n_cold_start == len(cold)
+    assert report.n_without_rows == 0 and report.n_rows == len(rows)
+    assert all(row["cold_start"] == (row["user_id"] in cold) for row in rows)
+
+    # The cold-start list is what the online `recommend` serves a user it does not know,
+    # cut per kind; scored with the share of the model's users who interacted with the item.
+    engine = load_engine(store, "als")
+    online = engine.recommend([NEWCOMER], min(1000, engine.n_items), filter_consumed=True)[0]
+    assert online.cold_start
+    expected = {
+        kind: [item for item in online.items if community.public.get(str(item)) == kind][:N]
+        for kind in KINDS
+    }
+    assert all(len(items) == N for items in expected.values())
+    pairs = community.expected_pairs()
+    share = pairs.groupby("item")["user"].nunique() / pairs["user"].nunique()
+    lists: dict[str, dict[str, list[tuple[int, str, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for row in rows:
+        if row["cold_start"]:
+            lists[row["user_id"]][row["item_kind"]].append(
+                (row["rank"], row["item_id"], row["score"])
+            )
+    assert set(lists) == cold
+    for user in cold:
+        for kind in KINDS:
+            ranked = sorted(lists[user][kind])
+            assert [rank for rank, _, _ in ranked] == list(range(1, N + 1))
+            assert [item for _, item, _ in ranked] == expected[kind], (user, kind)
+            assert [score for *_, score in ranked] == pytest.approx(
+                [share[item] for item in expected[kind]]
+            )
+    print(f"batch-recommend for {len(users)} uro users ({len(cold)} cold): {seconds:.2f} s")
+
+
+def test_migration_0003_adds_cold_start_last_to_the_view_and_runs_again_harmlessly(
+    empty_database: str,  # noqa: F811
+) -> None:
+    view_columns = (
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_name = 'recs_live_user_recommendations' ORDER BY ordinal_position"
+    )
+    before = [
+        "user_id",
+        "item_kind",
+        "rank",
+        "item_id",
+        "score",
+        "model_version",
+        "generated_at",
+        "generation",
+    ]
+    user, item = uuid.uuid4(), uuid.uuid4()
+
+    async def upgrade(db: Database) -> tuple[list[str], list[str], bool, list[str]]:
+        older = [m for m in load_migrations() if m.version < 3]
+        await migrate(db, older)
+        assert [r["column_name"] for r in await db.fetch(view_columns)] == before
+        await db.execute(
+            "INSERT INTO recs_recommendation_pointer (singleton, generation) VALUES (true, 1)"
+        )
+        await db.execute(
+            "INSERT INTO recs_user_recommendations (generation, user_id, item_kind, rank,"
+            " item_id, score, model_version, generated_at)"
+            " VALUES (1, $1, 'map', 1, $2, 0.5, 'v1', now())",
+            user,
+            item,
+        )
+        applied = (await migrate(db)).applied
+        (new,) = [m for m in load_migrations() if m.version == 3]
+        for statement in new.statements():  # an interrupted migration is simply run again
+            await db.execute(statement)
+        again = (await migrate(db)).applied
+        old_row = await db.fetchval(
+            "SELECT cold_start FROM recs_live_user_recommendations WHERE user_id = $1", user
+        )
+        columns = [r["column_name"] for r in await db.fetch(view_columns)]
+        return applied, again, old_row, columns
+
+    applied, again, old_row, columns = with_database(empty_database, upgrade)
+    assert applied == ["0003_recs_cold_start"] and again == []
+    assert old_row is False  # rows written before the migration are model recommendations
+    assert columns == [*before, "cold_start"]
 
 
 def test_readers_never_see_two_generations_mixed_while_a_new_one_is_written(
@@ -256,6 +402,7 @@ def test_both_scoring_paths_rank_like_libreco_within_each_kind(
     scorer = Scorer(loaded, kinds, n=N)
     users = np.arange(0, loaded.data_info.n_users, loaded.data_info.n_users // 8)[:8]
     for user, rows in zip(users.tolist(), scorer.rows(users), strict=True):
+        assert not any(cold_start for *_, cold_start in rows)
         user_id = str(loaded.data_info.id2user[user])
         consumed = len(loaded.data_info.user_consumed[user])
         graph = loaded.graph.as_default() if loaded.graph is not None else nullcontext()
@@ -265,7 +412,24 @@ def test_both_scoring_paths_rank_like_libreco_within_each_kind(
             )[user_id].tolist()
         for kind in ("avatar", "map", "prop"):
             expected = [item for item in ranking if kinds[item] == kind][:N]
-            got = [item for _, k, _, item, _ in rows if k == kind]
+            got = [item for _, k, _, item, _, _ in rows if k == kind]
             assert got == expected, (model, kind)
-        scores = [score for *_, score in rows]
+        scores = [score for *_, score, _ in rows]
         assert all(0.0 < score < 1.0 for score in scores)
+
+
+def test_the_cold_start_list_is_topped_up_by_interaction_counts_where_the_popular_list_ends(
+    trained_store: Path, demo_interactions: pd.DataFrame
+) -> None:
+    """Per kind, the manifest's popular items come first; a kind with fewer than N of them
+    there gets its other items by how many users interacted with them, the same order."""
+    kinds = dict(zip(demo_interactions["item"], demo_interactions["item_kind"], strict=False))
+    loaded = load_model(trained_store, "als")
+    full = Scorer(loaded, kinds, n=N).popular
+    assert all(len(full[kind]) == N for kind in KINDS)
+    assert [item for item in loaded.popular_items if kinds[item] == "map"][:N] == [
+        item for item, _ in full["map"]
+    ]
+    for cut in (0, 2, 7):
+        short = dataclasses.replace(loaded, popular_items=loaded.popular_items[:cut])
+        assert Scorer(short, kinds, n=N).popular == full, cut

@@ -125,7 +125,7 @@ def test_migrate_applies_everything_once_then_nothing(empty_database: str) -> No
         return first.applied, second.applied, {r["table_name"] for r in rows}
 
     first, second, tables = with_database(empty_database, twice)
-    assert first == ["0001_recs_tables", "0002_recs_events_inserted_at"]
+    assert first == ["0001_recs_tables", "0002_recs_events_inserted_at", "0003_recs_cold_start"]
     assert second == []
     assert {
         "recs_events",

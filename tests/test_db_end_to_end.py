@@ -55,9 +55,9 @@ def test_migrate_sync_serve_recommend_and_batch_recommend(
 
     migrated = uro_recs(config, "db", "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert "2 applied" in migrated.stdout
+    assert "3 applied" in migrated.stdout
     again = uro_recs(config, "db", "migrate")
-    assert "0 applied" in again.stdout and "2 already there" in again.stdout
+    assert "0 applied" in again.stdout and "3 already there" in again.stdout
     asyncio.run(load_events(empty_database, community))
 
     synced = uro_recs(config, "sync")
