@@ -9,10 +9,13 @@ PACKAGES := core sdk broker worker pipeline app
 
 .PHONY: install demo serve test layout-check test-python test-elixir elixir-check lint format bench bench-smoke bench-elixir bench-ingest clean
 
+# The first time this takes minutes (TensorFlow, torch): pip names each package as it goes.
 $(DEPS_STAMP): pyproject.toml constraints.txt
+	@echo "== installing dependencies into $(VENV) (the first time takes several minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt ".[server,dev,perf]"
+	bash -o pipefail -c '$(BIN)/python -m pip install --progress-bar off -c constraints.txt \
+		".[server,dev,perf]" | sed -n -u -E "/^(Collecting|Installing|Successfully|ERROR)/p"'
 	touch $@
 
 # Our own code is installed non-editable (the folders map onto one namespace, uro_recs),

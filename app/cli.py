@@ -14,9 +14,10 @@ import importlib.metadata
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from uro_recs.core.config import Config, ConfigError, load_config
 from uro_recs.core.logs import configure_logging
@@ -364,11 +365,41 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
 
     try:
         version = previous_version(config, args.model)
-        print_summary(roll(config, args.model, version, timeout_s=args.timeout))
+        summary = roll(config, args.model, version, timeout_s=args.timeout)
     except (RolloutError, UroRecsError, StoreError, ValueError, OSError) as exc:
         print(f"rollback failed: {exc}", file=sys.stderr)
         return 1
+    print_summary(summary)
+    left = str(summary["from"])
+    if left != version and "," not in left:
+        _say(f"rollback: registry: {_record_rollback(config, args.model, left)}")
     return 0
+
+
+def _record_rollback(config: Config, model: str, left: str) -> str:
+    """Mark the version a rollback left `rolled_back` in the registry; says how that went. A
+    registry that cannot be reached costs a few seconds, not the rollback already done."""
+    import asyncio
+    import dataclasses
+
+    import asyncpg
+
+    from uro_recs.core.db import Database, DatabaseError
+    from uro_recs.pipeline.registry import record_rollback
+
+    quick = dataclasses.replace(config.database, retry_attempts=1, connect_timeout_s=3.0)
+
+    async def run() -> bool:
+        async with await Database.connect(quick) as db:
+            return await record_rollback(db, model, left)
+
+    try:
+        marked = asyncio.run(run())
+    except (DatabaseError, OSError, asyncpg.PostgresError) as exc:
+        return f"{model}/{left} not marked rolled_back (the database: {exc})"
+    if marked:
+        return f"{model}/{left} marked rolled_back"
+    return f"{model}/{left} has no published row to mark (published outside sync)"
 
 
 def cmd_install_systemd(_config: Config, args: argparse.Namespace) -> int:
@@ -409,6 +440,29 @@ def cmd_db_migrate(config: Config, _args: argparse.Namespace) -> int:
         print(f"db migrate failed: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+Command: TypeAlias = Callable[[Config, argparse.Namespace], int]
+
+
+def _timed_job(job: str, run: Command) -> Command:
+    """Run a periodic job's command and, with [sync] metrics_dir set, record how it went."""
+
+    def command(config: Config, args: argparse.Namespace) -> int:
+        started = time.monotonic()
+        status = EXIT_FAILED
+        try:
+            status = int(run(config, args))
+            return status
+        finally:
+            if config.sync.metrics_dir:
+                from uro_recs.app.job_metrics import record_job
+
+                model = args.model or config.sync.model
+                seconds = time.monotonic() - started
+                record_job(Path(config.sync.metrics_dir), job, model, status == 0, seconds)
+
+    return command
 
 
 def cmd_sync(config: Config, args: argparse.Namespace) -> int:
@@ -615,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--force", action="store_true", help="publish even if it scores below popularity"
     )
-    sync.set_defaults(func=cmd_sync)
+    sync.set_defaults(func=_timed_job("sync", cmd_sync))
 
     batch = add(
         sub, "batch-recommend", help="write top-N per item kind for every user, then flip to it"
@@ -623,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", default=None, help="default: [sync] model")
     batch.add_argument("--version", default=None, help="default: the store's CURRENT version")
     batch.add_argument("-n", "--n", type=int, default=None, help="default: [sync] batch_n")
-    batch.set_defaults(func=cmd_batch_recommend)
+    batch.set_defaults(func=_timed_job("batch-recommend", cmd_batch_recommend))
     return parser
 
 

@@ -172,6 +172,9 @@ class SyncConfig:
     # A published version becomes CURRENT at once (and the retrain unit's rollout step moves
     # the workers onto it); false: it waits in the store for `uro-recs rollout MODEL VERSION`.
     go_live: bool = True
+    # An absolute directory for node_exporter's textfile collector: sync and batch-recommend
+    # write their duration, outcome and last success time there (app/job_metrics.py). Empty: off.
+    metrics_dir: str = ""
     threads: int = 2  # training threads
     # Label weight of a backpack save (any finite number); events carry their own.
     save_weight: float = _setting(1.0, ge=-math.inf)

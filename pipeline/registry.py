@@ -5,8 +5,9 @@
            \\-> rejected (scored below the popularity baseline) | abandoned
 
 A version is published once its row says so (the commit point of a sync); CURRENT in the
-store is set right after. CURRENT may later point elsewhere (`uro-recs rollback` moves it in
-the store); `rolled_back` is there for tools that want to record that here too.
+store is set right after. `uro-recs rollback` moves CURRENT back in the store and marks the
+version it left `rolled_back` here (`record_rollback`), so no later sync or tool takes it for
+the newest published one.
 """
 
 from __future__ import annotations
@@ -140,3 +141,13 @@ async def newest_published(db: Database, model: str) -> str | None:
         model,
     )
     return None if value is None else str(value)
+
+
+async def record_rollback(db: Database, model: str, version: str) -> bool:
+    """Mark `version`, which a rollback left, `rolled_back`. False when the registry has no
+    published row for it (a version published by hand, or by `train --publish`)."""
+
+    async def mark(conn: Connection) -> bool:
+        return await set_status(conn, model, version, "rolled_back", expected=("published",))
+
+    return await db.transaction(mark, "record_rollback")

@@ -163,7 +163,7 @@ def test_sync_against_a_database_without_uros_tables_says_so(
     config = tmp_path / "db.toml"
     config.write_text(
         f'store = "{tmp_path / "store"}"\n[database]\nurl = "{empty_database}"\n'
-        "retry_attempts = 1\n"
+        f'retry_attempts = 1\n[sync]\nmetrics_dir = "{tmp_path}"\n'
     )
     not_migrated = run("--config", str(config), "sync")
     assert not_migrated.returncode == EXIT_FAILED
@@ -171,3 +171,7 @@ def test_sync_against_a_database_without_uros_tables_says_so(
     assert run("--config", str(config), "db", "migrate").returncode == 0
     # uro-recs' tables are there now, uro's (avatars, maps, ...) are not.
     one_line_error(run("--config", str(config), "sync"), EXIT_USAGE, "has no such table")
+    # The failed runs are on record for Prometheus' textfile collector, with no success yet.
+    recorded = (tmp_path / "uro_recs_sync.prom").read_text()
+    assert 'uro_recs_job_success{job="sync",model="als"} 0.0' in recorded
+    assert "uro_recs_job_last_success_timestamp_seconds" not in recorded

@@ -132,6 +132,25 @@ def test_with_go_live_off_a_published_version_waits_for_a_rollout(
     assert_consistent(tmp_path, community_database, model)
 
 
+def test_a_rollback_marks_the_version_it_left_rolled_back(
+    community_database: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    model = "als-rollback"
+    first = sync(community_database, tmp_path, model)
+    second = sync(community_database, tmp_path, model)
+
+    async def roll_back(db: Database) -> tuple[bool, bool, str | None]:
+        marked = await registry.record_rollback(db, model, second.version)
+        unknown = await registry.record_rollback(db, model, "2020-01-01T000000Z")
+        return marked, unknown, await registry.newest_published(db, model)
+
+    marked, unknown, newest = with_database(community_database, roll_back)
+    assert (marked, unknown) == (True, False)
+    assert versions(community_database, model)[second.version] == "rolled_back"
+    assert newest == first.version  # the rolled-back version is no longer the newest
+
+
 def test_a_model_below_the_popularity_baseline_is_published_only_when_forced(
     community_database: str,  # noqa: F811
     tmp_path: Path,
