@@ -58,6 +58,7 @@ def cmd_broker(config: Config, _args: argparse.Namespace) -> int:
         control_endpoint=config.control_endpoint,
         known_models=known_models(config),
         store=config.store,  # a rollout's version must be there
+        worker_metrics_dir=config.worker_metrics_dir,
     )
     broker.install_signal_handlers()
     systemd = Notifier.from_environ()
@@ -86,12 +87,18 @@ def cmd_ingest_worker(config: Config, _args: argparse.Namespace) -> int:
     import dataclasses
 
     from uro_recs.core.db import DatabaseError
+    from uro_recs.core.protocol import INGEST_WORKERS
     from uro_recs.pipeline.ingest_worker import IngestWorker
 
     loop_config = dataclasses.replace(
         config.worker, slots=config.ingest.slots, max_batch_delay_ms=0.0
     )
-    service = IngestWorker(config.database, config.worker_endpoint, loop_config, config.broker)
+    from uro_recs.worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(config.worker_metrics_dir, INGEST_WORKERS)
+    service = IngestWorker(
+        config.database, config.worker_endpoint, loop_config, config.broker, metrics=metrics
+    )
     systemd = Notifier.from_environ()
     try:
         service.connect()
@@ -113,10 +120,12 @@ def cmd_ingest_worker(config: Config, _args: argparse.Namespace) -> int:
 def cmd_worker(config: Config, args: argparse.Namespace) -> int:
     apply_thread_limits(config.worker.threads)
     from uro_recs.worker.engine import Engine, load_engine
+    from uro_recs.worker.metrics import WorkerMetrics
     from uro_recs.worker.service import WorkerService
 
     model = config.model(args.model or worker_instance_model(args.instance))
     version = args.version or model.version or None
+    metrics = WorkerMetrics(config.worker_metrics_dir, model.name)  # before anything imports it
 
     def load(version: str | None) -> Engine:
         engine = load_engine(config.store, model.name, version, threads=config.worker.threads)
@@ -136,7 +145,13 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
             print(f"worker: recent_events: cannot read recs_events: {error!r}", file=sys.stderr)
             return 1
     service = WorkerService(
-        engine, config.worker_endpoint, config.worker, config.broker, loader=load, recent=recent
+        engine,
+        config.worker_endpoint,
+        config.worker,
+        config.broker,
+        loader=load,
+        recent=recent,
+        metrics=metrics,
     )
     service.install_signal_handlers()
     systemd = Notifier.from_environ()

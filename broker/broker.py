@@ -61,8 +61,10 @@ class Broker:
         known_models: Iterable[str] = (),
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         store: Path | None = None,
+        worker_metrics_dir: Path | None = None,
     ) -> None:
-        """`store` is the model store a rollout's version must exist in (None: not checked)."""
+        """`store` is the model store a rollout's version must exist in (None: not checked);
+        `worker_metrics_dir` is where workers leave their figures for the metrics endpoint."""
         self.config = config
         self.context = context or zmq.Context.instance()
         self.store = store
@@ -107,7 +109,7 @@ class Broker:
         if config.metrics_address:
             from uro_recs.broker.metrics import MetricsExporter
 
-            self.metrics = MetricsExporter(config.metrics_address)
+            self.metrics = MetricsExporter(config.metrics_address, worker_metrics_dir)
             self.metrics.update(self.core, time.monotonic(), force=True)
 
     def _bind(self, kind: int, endpoint: str, max_bytes: int = -1) -> zmq.Socket[bytes]:

@@ -14,7 +14,9 @@ Series (all prefixed `uro_recs_`):
 - `model_version_info{model,version}`: 1 per version workers serve;
 - `broker_events_total{event}`: the broker's counters (workers_lost, requests_redelivered,
   workers_joined, rejected_<code>, ...);
-- `pending_bytes`, `clients`, `broker_uptime_seconds`, `broker_draining`.
+- `pending_bytes`, `clients`, `broker_uptime_seconds`, `broker_draining`;
+- the workers' own figures, from the files they leave in `<run_dir>/worker-metrics`
+  (worker/metrics.py): users and seconds per model call, ingested events, database errors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -31,6 +34,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     InfoMetricFamily,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from uro_recs.broker.core import BrokerCore
@@ -133,11 +137,14 @@ class _SnapshotCollector(Collector):
 class MetricsExporter:
     """Serves the metrics over HTTP from its own thread; `update` is the loop's side."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, worker_metrics_dir: Path | None = None) -> None:
         host, _, port = address.rpartition(":")
         self._collector = _SnapshotCollector()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._collector)
+        if worker_metrics_dir is not None:  # the workers' own figures (worker/metrics.py)
+            worker_metrics_dir.mkdir(parents=True, exist_ok=True)
+            MultiProcessCollector(registry, path=str(worker_metrics_dir))  # type: ignore[no-untyped-call]
         self._server, self._thread = start_http_server(int(port), host or "127.0.0.1", registry)
         self._next = 0.0
 

@@ -213,6 +213,11 @@ class Config:
         return f"ipc://{self.run_dir.absolute() / 'workers.sock'}"
 
     @property
+    def worker_metrics_dir(self) -> Path | None:
+        """Where workers leave their Prometheus figures for the broker; None: metrics off."""
+        return self.run_dir / "worker-metrics" if self.broker.metrics_address else None
+
+    @property
     def control_endpoint(self) -> str:
         return f"ipc://{self.run_dir.absolute() / 'control.sock'}"
 

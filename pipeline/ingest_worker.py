@@ -27,6 +27,7 @@ from uro_recs.core.protocol import ErrorCode, IngestArgs, Op, RequestId
 from uro_recs.pipeline.ingest import EventWriter
 from uro_recs.worker.async_thread import AsyncThread
 from uro_recs.worker.loop import Job, WorkerLoop, one_line
+from uro_recs.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("uro_recs.pipeline.ingest_worker")
 
@@ -42,9 +43,11 @@ class IngestWorker(WorkerLoop):
         config: WorkerConfig,
         broker: BrokerConfig,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(protocol.INGEST_WORKERS, endpoint, config, broker, context)
         self.database = database
+        self.metrics = metrics or WorkerMetrics(None, protocol.INGEST_WORKERS)
         self._async = AsyncThread("ingest-database")
         self._db: Database | None = None
         self._writer: EventWriter | None = None
@@ -128,8 +131,10 @@ class IngestWorker(WorkerLoop):
             if self._writer is None:
                 raise RuntimeError("not connected to the database")
             await self._writer.submit(rows)
+            self.metrics.ingested(len(rows))
             return protocol.encode_ok(request_id, {"accepted": len(rows)})
         except DatabaseError as exc:
+            self.metrics.database_error()
             return protocol.encode_error(request_id, ErrorCode.UNAVAILABLE, str(exc))
         except Exception as exc:
             log.exception("ingest_failed", events=len(rows))

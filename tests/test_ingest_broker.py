@@ -13,6 +13,7 @@ import pytest
 from tests.cluster import Cluster
 from tests.db_fixtures import TcpProxy, empty_database, proxy, with_database  # noqa: F401
 from tests.test_db_ingest import START, count_events, make_events
+from tests.test_metrics import free_port, get, sample
 from uro_recs.core import protocol
 from uro_recs.core.db import migrate
 from uro_recs.sdk import AsyncClient, Client, Event, InvalidEvent, RetryPolicy, Unavailable
@@ -27,9 +28,15 @@ def stored(url: str) -> int:
     return with_database(url, count_events)
 
 
-def ingest_cluster(tmp_path: Path, url: str, workers: int = 1, **database: object) -> Cluster:
+def ingest_cluster(
+    tmp_path: Path,
+    url: str,
+    workers: int = 1,
+    broker: dict[str, object] | None = None,
+    **database: object,
+) -> Cluster:
     settings = {"url": url, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.2, **database}
-    return Cluster(tmp_path, {}, database=settings, ingest_workers=workers)
+    return Cluster(tmp_path, {}, broker=broker, database=settings, ingest_workers=workers)
 
 
 def test_events_sent_through_the_broker_are_stored_once_even_when_sent_again(
@@ -122,7 +129,9 @@ def test_while_the_database_is_down_ingest_answers_unavailable_then_recovers(
     url = migrated(empty_database)
     events = make_events(200, seed=15)
     # Retries give up after about 0.1 s, well inside the 3 s outage.
-    with ingest_cluster(tmp_path, proxy.url(url), retry_attempts=3) as cluster:
+    metrics = f"127.0.0.1:{free_port()}"
+    broker: dict[str, object] = {"metrics_address": metrics}
+    with ingest_cluster(tmp_path, proxy.url(url), broker=broker, retry_attempts=3) as cluster:
         cluster.start()
         with Client(cluster.client_endpoint, timeout=10, retry=RetryPolicy(attempts=1)) as client:
             proxy.outage(3.0)
@@ -130,8 +139,12 @@ def test_while_the_database_is_down_ingest_answers_unavailable_then_recovers(
                 client.ingest(events[:100])
             time.sleep(3.5)
             accepted = client.ingest(events)
+        # The ingest worker's own figures reach the broker's metrics endpoint.
+        scrape = get(f"http://{metrics}/metrics")
     assert accepted == 200
     assert stored(url) == 200
+    assert sample(scrape, "uro_recs_ingest_events_total") == 200
+    assert sample(scrape, "uro_recs_ingest_database_errors_total") >= 1
 
 
 def test_serve_runs_the_ingest_workers_beside_the_models(

@@ -97,6 +97,10 @@ def test_the_scrape_counts_requests_latency_workers_and_versions(cluster: Cluste
     version = cluster.stats()["models"]["als"]["versions"][0]
     assert sample(text, "uro_recs_model_version_info", model="als", version=version) == 1
     assert sample(text, "uro_recs_broker_events_total", event="workers_joined") == 1
+    # The worker's own figures, from the files it leaves for the broker: 40 users scored.
+    assert sample(text, "uro_recs_worker_call_users_sum", model="als") == 40
+    assert 1 <= sample(text, "uro_recs_worker_call_users_count", model="als") <= 40
+    assert sample(text, "uro_recs_worker_call_seconds_count", model="als") >= 1
 
 
 def test_a_prometheus_server_scrapes_it(cluster: Cluster, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from uro_recs.worker.engine import (
     Unsupported,
 )
 from uro_recs.worker.loop import Job, WorkerLoop, one_line
+from uro_recs.worker.metrics import WorkerMetrics
 from uro_recs.worker.recent_events import RecentEvents, exported_at
 
 log = structlog.get_logger("uro_recs.worker")
@@ -74,11 +75,13 @@ class WorkerService(WorkerLoop):
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         loader: Callable[[str], Engine] | None = None,
         recent: RecentEvents | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """`loader(version)` loads and warms up another version of the model (for rollouts);
         `recent` holds what users did since the model's export, left out of recommend."""
         super().__init__(engine.name, endpoint, config, broker, context)
         self.engine = engine
+        self.metrics = metrics or WorkerMetrics(None, engine.name)
         self.loader = loader
         self.recent = recent
         self._pending: list[PendingRecommend] = []  # in arrival order
@@ -277,7 +280,9 @@ class WorkerService(WorkerLoop):
                     p.job, p.request.id, ErrorCode.INTERNAL, f"recommend failed: {exc}"
                 )
             return
-        per_user = (time.perf_counter() - started) / max(1, len(queries))
+        seconds = time.perf_counter() - started
+        self.metrics.model_call(len(queries), seconds)
+        per_user = seconds / max(1, len(queries))
         # A moving average: one slow call (a page fault, a noisy neighbour) only nudges it.
         self._seconds_per_user = (
             per_user
