@@ -221,6 +221,7 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     published = args.publish and (passed or args.force)
     if published:
         set_current(config.store, args.model, version)
+        _say(f"train: registry: {_register_published(config, args, version, len(data), metrics)}")
     print(
         json.dumps(
             {
@@ -391,28 +392,74 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_rollback(config: Config, model: str, left: str) -> str:
-    """Mark the version a rollback left `rolled_back` in the registry; says how that went. A
-    registry that cannot be reached costs a few seconds, not the rollback already done."""
+def _register_published(
+    config: Config, args: argparse.Namespace, version: str, rows: int, metrics: dict[str, float]
+) -> str:
+    """Record a version `train --publish` made CURRENT in the registry, as sync records its
+    own; says how that went. A database that cannot be reached costs seconds, not the train."""
+    from uro_recs.pipeline import registry
+
+    async def register(db: Any) -> None:
+        async def write(conn: Any) -> None:
+            await registry.record_training(
+                conn,
+                model=args.model,
+                version=version,
+                kind=args.kind,
+                holder="uro-recs train",
+                n_interactions=rows,
+                data_start=None,
+                data_end=None,
+            )
+            await registry.set_status(
+                conn, args.model, version, "trained", expected=("training",), metrics=metrics
+            )
+            await registry.set_status(conn, args.model, version, "published", expected=("trained",))
+
+        await db.transaction(write, "register_train")
+
+    failure = _with_registry(config, register)
+    if failure is not None:
+        return f"{args.model}/{version} not registered (the database: {failure})"
+    return f"{args.model}/{version} registered as published"
+
+
+def _with_registry(config: Config, work: Callable[[Any], Any]) -> str | None:
+    """Run `work(db)` on a quickly given-up connection; the failure's text, or None."""
     import asyncio
     import dataclasses
 
     import asyncpg
 
     from uro_recs.core.db import Database, DatabaseError
-    from uro_recs.pipeline.registry import record_rollback
 
     quick = dataclasses.replace(config.database, retry_attempts=1, connect_timeout_s=3.0)
 
-    async def run() -> bool:
+    async def run() -> None:
         async with await Database.connect(quick) as db:
-            return await record_rollback(db, model, left)
+            await work(db)
 
     try:
-        marked = asyncio.run(run())
+        asyncio.run(run())
     except (DatabaseError, OSError, asyncpg.PostgresError) as exc:
-        return f"{model}/{left} not marked rolled_back (the database: {exc})"
-    if marked:
+        return str(exc)
+    return None
+
+
+def _record_rollback(config: Config, model: str, left: str) -> str:
+    """Mark the version a rollback left `rolled_back` in the registry; says how that went. A
+    registry that cannot be reached costs a few seconds, not the rollback already done."""
+    from uro_recs.pipeline.registry import record_rollback
+
+    outcome: list[bool] = []
+
+    async def mark(db: Any) -> None:
+        outcome.append(await record_rollback(db, model, left))
+
+    failure = _with_registry(config, mark)
+    if failure is not None:
+        return f"{model}/{left} not marked rolled_back (the database: {failure})"
+    if outcome[0]:
         return f"{model}/{left} marked rolled_back"
     return f"{model}/{left} has no published row to mark (published outside sync)"
 

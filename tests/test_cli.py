@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
-from tests.db_fixtures import empty_database  # noqa: F401
+from tests.db_fixtures import empty_database, with_database  # noqa: F401
 from uro_recs.app.cli import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
+from uro_recs.core.db import Database
 from uro_recs.core.model_store import CURRENT_NAME
+from uro_recs.pipeline import registry
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -175,3 +177,33 @@ def test_sync_against_a_database_without_uros_tables_says_so(
     recorded = (tmp_path / "uro_recs_sync.prom").read_text()
     assert 'uro_recs_job_success{job="sync",model="als"} 0.0' in recorded
     assert "uro_recs_job_last_success_timestamp_seconds" not in recorded
+
+
+def test_a_published_train_is_in_the_registry_and_a_database_outage_costs_one_line(
+    empty_database: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    csv = tmp_path / "tiny.csv"
+    csv.write_text("user,item,label,time\n" + "\n".join(f"u{u},i{u % 7},1,{u}" for u in range(40)))
+    config = tmp_path / "db.toml"
+    config.write_text(f'store = "{tmp_path / "store"}"\n[database]\nurl = "{empty_database}"\n')
+    assert run("--config", str(config), "db", "migrate").returncode == 0
+    train = ("train", "--model", "als", "--csv", str(csv), "--publish", "--force")
+    done = run("--config", str(config), *train, "--version", "v1")
+    assert done.returncode == 0, done.stderr
+    assert "als/v1 registered as published" in done.stderr
+
+    async def statuses(db: Database) -> dict[str, str]:
+        return {v.version: v.status for v in await registry.versions(db, "als")}
+
+    assert with_database(empty_database, statuses) == {"v1": "published"}
+
+    gone = tmp_path / "gone.toml"
+    gone.write_text(
+        f'store = "{tmp_path / "store"}"\n[database]\n'
+        'url = "postgresql://postgres@127.0.0.1:1/nowhere"\n'
+    )
+    offline = run("--config", str(gone), *train, "--version", "v2")
+    assert offline.returncode == 0, offline.stderr  # published in the store all the same
+    assert "als/v2 not registered (the database:" in offline.stderr
+    assert (tmp_path / "store" / "als" / CURRENT_NAME).read_text().strip() == "v2"
