@@ -207,3 +207,18 @@ def test_a_published_train_is_in_the_registry_and_a_database_outage_costs_one_li
     assert offline.returncode == 0, offline.stderr  # published in the store all the same
     assert "als/v2 not registered (the database:" in offline.stderr
     assert (tmp_path / "store" / "als" / CURRENT_NAME).read_text().strip() == "v2"
+
+
+def test_help_shows_each_options_default() -> None:
+    train_help = run("train", "--help").stdout
+    assert "(default: als)" in train_help  # --kind
+
+
+def test_a_rollout_to_a_malformed_version_is_one_line_and_changes_nothing(
+    config: Path, tmp_path: Path
+) -> None:
+    result = run("--config", str(config), "rollout", "als", "../v1")
+    assert result.returncode == EXIT_FAILED
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("rollout failed: als: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "store" / "als" / CURRENT_NAME).exists()

@@ -230,7 +230,10 @@ def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_install_lays_out_user_directories_config_units_and_workers(staged_root: Path) -> None:
-    install(staged_root, "--member=uro")
+    done = install(staged_root, "--member=uro")
+    # The hint puts publishing a first model before starting the units.
+    hint = done.stdout.strip().splitlines()[-1]
+    assert hint.index("publish a first model") < hint.index("systemctl enable --now")
     root = staged_root
     passwd = (root / "etc/passwd").read_text()
     assert "\nuro-recs:x:" in passwd
