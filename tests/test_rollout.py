@@ -18,7 +18,7 @@ from tests.cluster import Cluster
 from uro_recs.app.rollout import previous_version, rollout
 from uro_recs.core import protocol
 from uro_recs.core.config import load_config
-from uro_recs.core.model_store import current_version
+from uro_recs.core.model_store import current_version, set_current
 from uro_recs.pipeline.training import train_and_save
 from uro_recs.worker.engine import Engine, Id, load_engine
 
@@ -107,10 +107,12 @@ def test_rollout_and_rollback_under_load_fail_no_request(
         load.thread.start()
         time.sleep(2.0)
         steady_end = time.perf_counter()
+        set_current(two_version_store, "als", NEW_VERSION)  # as a sync does before the rollout
         summary = rollout(config, "als", NEW_VERSION, timeout_s=60)
         rolled = time.perf_counter()
         time.sleep(1.0)
         assert summary["to"] == NEW_VERSION and summary["workers"] == 2
+        assert summary["from"] == old  # what the workers served, not the store's pointer
         assert current_version(two_version_store, "als") == NEW_VERSION
 
         # Answers now come from the new version.
@@ -118,7 +120,7 @@ def test_rollout_and_rollback_under_load_fail_no_request(
 
         assert previous_version(config, "als") == old
         back = rollout(config, "als", previous_version(config, "als"), timeout_s=60)
-        assert back["to"] == old
+        assert (back["from"], back["to"]) == (NEW_VERSION, old)
         assert served(cluster, telling) == [old_answers[u] for u in telling]
         time.sleep(1.0)
         load.stop.set()
