@@ -245,14 +245,20 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_stats(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The broker's `stats`, at --endpoint or the configured client socket (health, status)."""
+    from uro_recs.sdk import Client
+
+    with Client(args.endpoint or config.client_endpoint, timeout=args.timeout) as client:
+        return client.stats()
+
+
 def cmd_health(config: Config, args: argparse.Namespace) -> int:
     """Exit 0 when the broker answers and every configured model (and ingest, when enabled)
     has a live worker; 1 naming those that have none; 4 when no broker answers."""
     from uro_recs.core.protocol import INGEST_WORKERS
-    from uro_recs.sdk import Client
 
-    with Client(args.endpoint or config.client_endpoint, timeout=args.timeout) as client:
-        stats = client.stats()
+    stats = _live_stats(config, args)
     live = {name: int(model.get("workers", 0)) for name, model in stats["models"].items()}
     wanted = [model.name for model in config.models]
     if config.ingest.enabled:
@@ -270,10 +276,7 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     """The live broker's models, workers and the last minute's traffic, for a terminal."""
-    from uro_recs.sdk import Client
-
-    with Client(args.endpoint or config.client_endpoint, timeout=args.timeout) as client:
-        stats = client.stats()
+    stats = _live_stats(config, args)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0

@@ -220,7 +220,7 @@ defmodule UroRecs do
   end
 
   defp deadline(client, opts) do
-    {_connection, config} = Pool.checkout(client)
+    config = Pool.config(client)
     now() + Client.check_timeout!(Keyword.get(opts, :timeout, config.timeout))
   end
 

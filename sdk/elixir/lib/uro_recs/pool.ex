@@ -50,15 +50,24 @@ defmodule UroRecs.Pool do
   @doc "One connection of the pool (round robin) and the pool's client configuration."
   @spec checkout(atom()) :: {atom(), map()}
   def checkout(name) do
+    %{connections: connections, counter: counter, config: config} = entry!(name)
+    index = rem(:atomics.add_get(counter, 1, 1), tuple_size(connections))
+    {elem(connections, index), config}
+  end
+
+  @doc "The pool's client configuration, without taking a turn of the round robin."
+  @spec config(atom()) :: map()
+  def config(name), do: entry!(name).config
+
+  defp entry!(name) do
     case :persistent_term.get({__MODULE__, name}, nil) do
       nil ->
         raise ArgumentError,
               "no UroRecs pool named #{inspect(name)}: add {UroRecs, name: #{inspect(name)}} " <>
                 "to your supervision tree"
 
-      %{connections: connections, counter: counter, config: config} ->
-        index = rem(:atomics.add_get(counter, 1, 1), tuple_size(connections))
-        {elem(connections, index), config}
+      entry ->
+        entry
     end
   end
 
