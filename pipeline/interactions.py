@@ -56,7 +56,10 @@ def _check(path: Path, handle: TextIO) -> int:
     header = [column.strip() for column in next(reader)]
     missing = [column for column in REQUIRED_COLUMNS if column not in header]
     if missing:
-        found = ",".join(header[:12]) + (",..." if len(header) > 12 else "")
+        # A header is the person's text: shown as written when printable, escaped otherwise,
+        # so the message stays one line.
+        shown = [c if c.isprintable() else repr(c) for c in header[:12]]
+        found = ",".join(shown) + (",..." if len(header) > 12 else "")
         raise InvalidInput(
             f"{path}: lacks the columns {','.join(missing)}; expected a header with "
             f"{','.join(REQUIRED_COLUMNS)}, found {found}"
