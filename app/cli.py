@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from uro_recs.core import families
 from uro_recs.core.config import Config, ConfigError, load_config
 from uro_recs.core.logs import configure_logging
 from uro_recs.core.sdnotify import Notifier
@@ -212,8 +214,29 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     from uro_recs.pipeline.sync import GATED_METRICS, beats_baseline
     from uro_recs.pipeline.training import train_model
 
-    data = pd.read_csv(args.csv) if args.csv is not None else make_interactions()
-    trained = train_model(data, args.kind)
+    # Ids are text (pipeline/training.py): "0813" stays "0813" instead of becoming 813.
+    text_ids = {"user": str, "item": str}
+    data = pd.read_csv(args.csv, dtype=text_ids) if args.csv is not None else make_interactions()
+    family = families.family(args.kind)
+    features = None if args.item_features is None else _column_list(args.item_features)
+    trained = train_model(
+        data,
+        args.kind,
+        epochs=args.epochs,
+        embed_size=args.embed_size,
+        test_fraction=args.test_fraction,
+        refit=args.refit,
+        params=_params(args.param),
+        item_features=features,
+        positive_threshold=args.positive_threshold,
+    )
+    _say(f"train: {_columns_used(trained.params, data.columns, family)}")
+    if trained.data.get("merged_duplicates") or trained.data.get("below_threshold"):
+        _say(
+            f"train: {trained.data['merged_duplicates']} repeated (user, item) rows merged "
+            f"(labels summed), {trained.data['below_threshold']} rows below "
+            "--positive-threshold dropped"
+        )
     version = args.version or new_version_name()
     path = save_version(config.store, args.model, version, trained.save, trained.manifest_fields())
     metrics = {k: v for k, v in trained.metrics.items() if k != "fit_seconds"}
@@ -221,7 +244,8 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     published = args.publish and (passed or args.force)
     if published:
         set_current(config.store, args.model, version)
-        _say(f"train: registry: {_register_published(config, args, version, len(data), metrics)}")
+        registered = _register(config, args, version, len(data), metrics, publish=True)
+        _say(f"train: registry: {registered}")
     print(
         json.dumps(
             {
@@ -243,6 +267,121 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     return 0
+
+
+def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    """Check a model saved by LibRecommender elsewhere and make it a store version."""
+    from uro_recs.core.model_store import new_version_name, set_current
+    from uro_recs.pipeline.importer import import_model
+
+    version = args.version or new_version_name()
+    path = import_model(config.store, args.model, args.dir, args.kind, version)
+    _say(f"import: {args.dir}: loads as {families.family(args.kind).libreco_class} and answers")
+    if args.publish:
+        set_current(config.store, args.model, version)
+    registered = _register(config, args, version, rows=0, metrics={}, publish=args.publish)
+    _say(f"import: registry: {registered}")
+    print(json.dumps({"model": args.model, "version": version, "path": str(path)}))
+    if not args.publish:
+        _say(f"import: not published; to serve it: uro-recs rollout {args.model} {version}")
+    return 0
+
+
+def cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
+    """Train candidate kinds on one chronological split; print their table beside popularity."""
+    from uro_recs.pipeline.interactions import check_interactions_csv
+
+    if args.csv is not None:
+        _say(f"evaluate: {args.csv}: {check_interactions_csv(args.csv)} interactions")
+    kinds = families.KINDS if args.kinds == "all" else _column_list(args.kinds)
+    unknown = [kind for kind in kinds if kind not in families.FAMILIES]
+    if unknown:
+        raise ConfigError(
+            f"--kinds: unknown kind {', '.join(unknown)}; the kinds are {', '.join(families.KINDS)}"
+        )
+    if args.test_fraction == 0:
+        raise ConfigError("--test-fraction: evaluating needs a hold-out above 0")
+    apply_thread_limits(2)
+    import pandas as pd
+
+    from uro_recs.pipeline.compare import compare, table
+    from uro_recs.pipeline.demo_data import make_interactions
+
+    text_ids = {"user": str, "item": str}
+    data = pd.read_csv(args.csv, dtype=text_ids) if args.csv is not None else make_interactions()
+    features = None if args.item_features is None else _column_list(args.item_features)
+    rows = compare(
+        data,
+        kinds,
+        say=_say,
+        epochs=args.epochs,
+        embed_size=args.embed_size,
+        test_fraction=args.test_fraction,
+        item_features=features,
+        positive_threshold=args.positive_threshold,
+    )
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows]))
+    else:
+        print(table(rows))
+    return 0
+
+
+def _column_list(text: str) -> list[str]:
+    return [column.strip() for column in text.split(",") if column.strip()]
+
+
+def _columns_used(params: dict[str, Any], columns: Any, family: families.Family) -> str:
+    from uro_recs.pipeline.interactions import REQUIRED_COLUMNS
+
+    features = list(params.get("item_features") or [])
+    ignored = [str(c) for c in columns if c not in REQUIRED_COLUMNS and c not in features]
+    used = "item features " + (", ".join(features) if features else "none")
+    if not family.item_features:
+        used += f" ({family.kind} takes none)"
+    return used + (f"; columns ignored: {', '.join(ignored)}" if ignored else "")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 0.9:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 0.9, got {text!r}")
+    return value
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """A --param KEY=VALUE: the value as JSON (5, 0.01, [64, 32], "gru"), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _params(pairs: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    return dict(pairs or [])
 
 
 def _live_stats(config: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -395,11 +534,17 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_published(
-    config: Config, args: argparse.Namespace, version: str, rows: int, metrics: dict[str, float]
+def _register(
+    config: Config,
+    args: argparse.Namespace,
+    version: str,
+    rows: int,
+    metrics: dict[str, float],
+    publish: bool,
 ) -> str:
-    """Record a version `train --publish` made CURRENT in the registry, as sync records its
-    own; says how that went. A database that cannot be reached costs seconds, not the train."""
+    """Record a version `train` or `import` made in the registry, as sync records its own
+    (published when it was made CURRENT); says how that went. A database that cannot be
+    reached costs seconds, not the version."""
     from uro_recs.pipeline import registry
 
     async def register(db: Any) -> None:
@@ -409,7 +554,7 @@ def _register_published(
                 model=args.model,
                 version=version,
                 kind=args.kind,
-                holder="uro-recs train",
+                holder=f"uro-recs {args.command}",
                 n_interactions=rows,
                 data_start=None,
                 data_end=None,
@@ -417,14 +562,17 @@ def _register_published(
             await registry.set_status(
                 conn, args.model, version, "trained", expected=("training",), metrics=metrics
             )
-            await registry.set_status(conn, args.model, version, "published", expected=("trained",))
+            if publish:
+                await registry.set_status(
+                    conn, args.model, version, "published", expected=("trained",)
+                )
 
-        await db.transaction(write, "register_train")
+        await db.transaction(write, f"register_{args.command}")
 
     failure = _with_registry(config, register)
     if failure is not None:
         return f"{args.model}/{version} not registered (the database: {failure})"
-    return f"{args.model}/{version} registered as published"
+    return f"{args.model}/{version} registered as {'published' if publish else 'trained'}"
 
 
 def _with_registry(config: Config, work: Callable[[Any], Any]) -> str | None:
@@ -600,6 +748,31 @@ file; 3 another broker holds the run_dir (sync: the new model was not published)
 4 the broker or the database cannot be reached."""
 
 
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """The options `train` and `evaluate` share: how the data is read and the model sized."""
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="default: per kind")
+    parser.add_argument("--embed-size", type=_positive_int, default=None, help="default: per kind")
+    parser.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        help="each user's newest interactions held out to measure it (default 0.2; 0: none)",
+    )
+    parser.add_argument(
+        "--item-features",
+        default=None,
+        metavar="COLUMNS",
+        help="comma-separated item feature columns (default: item_kind, item_uploader if there)",
+    )
+    parser.add_argument(
+        "--positive-threshold",
+        type=_finite_float,
+        default=None,
+        metavar="LABEL",
+        help="keep rows with label >= LABEL as positives (default: labels are weights)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -649,7 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "train", help="train a model version into the store; --publish makes it CURRENT"
     )
     train.add_argument("--model", required=True, help="the model's name in the store")
-    train.add_argument("--kind", choices=["als", "deepfm"], default="als", help="what to train")
+    train.add_argument(
+        "--kind", choices=families.KINDS, default="als", metavar="KIND", help="default: als"
+    )
     data = train.add_mutually_exclusive_group(required=True)
     data.add_argument("--csv", type=Path, help="interactions: columns user,item,label,time")
     data.add_argument(
@@ -662,7 +837,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="make it CURRENT if it scores at least the popularity baseline",
     )
     train.add_argument("--force", action="store_true", help="with --publish: skip the gate")
+    _training_options(train)
+    train.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="publish the model fitted without the held-out part (default: refit on all)",
+    )
+    train.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a hyperparameter of the kind's libreco class, the value as JSON; repeatable",
+    )
     train.set_defaults(func=cmd_train)
+
+    imported = add(
+        sub, "import", help="check a model LibRecommender saved elsewhere, add it to the store"
+    )
+    imported.add_argument("--model", required=True, help="the model's name in the store")
+    imported.add_argument(
+        "--kind", required=True, choices=families.KINDS, metavar="KIND", help="its family"
+    )
+    imported.add_argument(
+        "--dir", required=True, type=Path, help="the folder libreco's save() wrote into"
+    )
+    imported.add_argument("--version", default=None, help="default: named for the current time")
+    imported.add_argument("--publish", action="store_true", help="make it CURRENT")
+    imported.set_defaults(func=cmd_import)
+
+    evaluate = add(
+        sub, "evaluate", help="train candidate kinds on one split and compare them with popularity"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", type=Path, help="interactions: columns user,item,label,time")
+    source.add_argument("--demo-data", action="store_true", help="synthetic interactions")
+    evaluate.add_argument(
+        "--kinds", default="als,item_cf,deepfm", help="comma-separated kinds, or 'all'"
+    )
+    _training_options(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     add(sub, "check-config", help="load the configuration and say what it holds").set_defaults(
         func=cmd_check_config
@@ -729,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--model", default=None, help="default: [sync] model")
     sync.add_argument(
-        "--kind", choices=["als", "deepfm"], default=None, help="default: [sync] kind"
+        "--kind", choices=families.KINDS, default=None, metavar="KIND", help="default: [sync] kind"
     )
     sync.add_argument(
         "--force", action="store_true", help="publish even if it scores below popularity"
@@ -752,7 +968,7 @@ EXIT_UNREACHABLE = 4  # the broker or the database cannot be reached
 
 # What a base install (`pip install uro-recs`) lacks, and the extra that brings it.
 _EXTRA_MODULES = frozenset({"numpy", "pandas", "tensorflow", "libreco", "torch", "threadpoolctl"})
-_PIPELINE_COMMANDS = frozenset({"demo", "train", "sync", "batch-recommend"})
+_PIPELINE_COMMANDS = frozenset({"demo", "train", "evaluate", "import", "sync", "batch-recommend"})
 
 
 def _version() -> str:

@@ -22,10 +22,8 @@ from uro_recs.sdk import Client, UroRecsError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from uro_recs.pipeline.training import ModelKind
-
 # model name -> the libreco kind trained for it
-MODELS: dict[str, ModelKind] = {"als": "als", "deepfm": "deepfm"}
+MODELS: dict[str, str] = {"als": "als", "deepfm": "deepfm"}
 
 
 def _config_text(directory: Path) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from uro_recs.core.families import KINDS
 from uro_recs.core.model_store import check_version_name
 from uro_recs.core.protocol import MAX_TIMEOUT_MS
 
@@ -165,7 +167,10 @@ class SyncConfig:
     """`uro-recs sync` (export, train, evaluate, publish) and `uro-recs batch-recommend`."""
 
     model: str = "als"  # the model's name in the store and the registry
-    kind: str = _setting("als", choices=("als", "deepfm"))  # the libreco model trained for it
+    kind: str = _setting("als", choices=KINDS)  # the LibRecommender family (README, "Models")
+    # Hyperparameters of that family's libreco class over uro-recs' defaults, e.g.
+    # {n_epochs = 20, embed_size = 64}; checked against the class when training starts.
+    params: dict[str, Any] = field(default_factory=dict)
     # Each user's latest interactions held out for evaluation; 0: none (no metrics).
     test_fraction: float = _setting(0.2, ge=0, le=0.9)
     refit: bool = True  # after evaluating, train again on everything before publishing
@@ -239,6 +244,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseConfig,
     "sync": SyncConfig,
 }
+_TABLE: Any = dict[str, Any]  # a setting that is a table of its own (`[sync] params`)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # TOML's integers (tomllib takes longer ones)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _ENV_INT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
@@ -266,6 +272,8 @@ class _Rule:
         return cls(kind, ge, gt, le, f.metadata.get("choices", ()))
 
     def expected(self, from_env: bool) -> str:
+        if self.kind == _TABLE:
+            return "a JSON object" if from_env else "a table, e.g. {n_epochs = 20}"
         if self.kind is bool:
             return "a boolean (true/false, yes/no, on/off, 1/0)" if from_env else "a boolean"
         if self.kind is Path:
@@ -346,6 +354,8 @@ def _from_toml(value: Any, kind: Any) -> Any:
         return Path(value) if isinstance(value, str) and value and "\0" not in value else None
     if kind is str:
         return value if isinstance(value, str) else None
+    if kind == _TABLE:
+        return value if isinstance(value, dict) else None
     raise ConfigError(f"unsupported setting type {kind}")  # a new field's type: add it here
 
 
@@ -364,6 +374,11 @@ def _from_env(text: str, kind: Any) -> Any:
         return float(text) if _ENV_FLOAT.fullmatch(text.strip()) else None
     if kind is Path:
         return Path(text) if text and "\0" not in text else None
+    if kind == _TABLE:
+        try:
+            return _from_toml(json.loads(text), kind)
+        except ValueError:
+            return None
     return _from_toml(text, kind)
 
 

@@ -24,6 +24,7 @@ MAX_ID_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_USERS_PER_REQUEST = 1_000
 MAX_ITEMS_PER_REQUEST = 10_000
+MAX_SEQ_ITEMS = 1_000  # a sequence model reads its own last few (`recent_num`) of them
 MAX_N = 1_000
 MAX_TIMEOUT_MS = 3_600_000
 MAX_EVENTS_PER_REQUEST = 1_000
@@ -102,6 +103,8 @@ class RecommendArgs:
     n: int
     filter_consumed: bool
     exclude: frozenset[Id]
+    # The user's most recent items, oldest first, for sequence models (with `user` only).
+    seq: tuple[Id, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +342,11 @@ def _recommend_args(args: Mapping[str, Any], rid: RequestId) -> RecommendArgs:
     else:
         users = (_entity_id(args["user"], "user", rid),)
     exclude = _id_list(args.get("exclude", []), "exclude", MAX_ITEMS_PER_REQUEST, rid)
+    seq = None
+    if "seq" in args:
+        if many:
+            _fail("seq goes with one user: ask with 'user', not 'users'", rid)
+        seq = _id_list(args["seq"], "seq", MAX_SEQ_ITEMS, rid)
     n = _count(args, rid)
     if len(users) * n > MAX_RESULT_ITEMS:
         raise ProtocolError(
@@ -353,6 +361,7 @@ def _recommend_args(args: Mapping[str, Any], rid: RequestId) -> RecommendArgs:
         n=n,
         filter_consumed=_bool(args, "filter_consumed", True, rid),
         exclude=frozenset(exclude),
+        seq=seq,
     )
 
 

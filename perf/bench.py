@@ -56,7 +56,7 @@ from perf.loadgen import (  # noqa: E402
 from uro_recs.app.demo import start_serving, wait_ready  # noqa: E402
 from uro_recs.core.model_store import list_versions  # noqa: E402
 from uro_recs.pipeline.demo_data import make_interactions  # noqa: E402
-from uro_recs.pipeline.training import ModelKind, train_and_save  # noqa: E402
+from uro_recs.pipeline.training import train_and_save  # noqa: E402
 from uro_recs.sdk import Client  # noqa: E402
 from uro_recs.worker.engine import load_engine  # noqa: E402
 from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
@@ -72,7 +72,7 @@ CATALOGUES: dict[str, dict[str, int]] = {
 @dataclass(frozen=True)
 class Plan:
     catalogues: list[str]
-    models: list[ModelKind]
+    models: list[str]
     step_s: float
     growth: float
     max_steps: int
@@ -82,7 +82,7 @@ class Plan:
     default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
 
 
-def prepare_store(root: Path, catalogue: str, models: list[ModelKind]) -> tuple[Path, pd.DataFrame]:
+def prepare_store(root: Path, catalogue: str, models: list[str]) -> tuple[Path, pd.DataFrame]:
     store = root / catalogue / "store"
     data = make_interactions(**CATALOGUES[catalogue])
     for kind in models:
@@ -247,7 +247,7 @@ def uro_recs_server(
         process.wait(timeout=60)
 
 
-def bench_model(root: Path, catalogue: str, model: ModelKind, plan: Plan) -> dict[str, Any]:
+def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str, Any]:
     store, data = prepare_store(root, catalogue, [model])
     mix = RequestMix(known_users=sorted(set(data["user"])))
     step = plan.step_s

@@ -36,7 +36,9 @@ _EVENT_KEY: Final = "user_id, item_kind, item_id, event, occurred_at"
 class Export:
     """The training data: one row per (user, item) with the summed weight as label."""
 
-    interactions: pd.DataFrame  # user, item (UUID strings), label, time (unix s), item_kind
+    # user, item (UUID strings), label, time (unix s), item_kind, item_uploader (the
+    # uploader's user id, "" when there is none): the last two are the models' item features
+    interactions: pd.DataFrame
     catalog: dict[str, str]  # every public item id -> its kind
     n_saves: int  # backpack rows read
     n_events: int  # recs_events rows read
@@ -86,8 +88,9 @@ class _Codes:
 
 
 class _Collector:
-    def __init__(self, catalog: dict[str, str]) -> None:
+    def __init__(self, catalog: dict[str, str], uploaders: dict[str, str]) -> None:
         self.catalog = catalog
+        self.uploaders = uploaders
         self.users = _Codes()
         self.items = _Codes()
         self.kind_of_code: list[int] = []
@@ -125,35 +128,44 @@ class _Collector:
         )
         pairs = pairs[pairs["label"] > 0].reset_index()
         kinds = np.array(ITEM_KINDS, dtype=object)[np.asarray(self.kind_of_code, dtype=np.int64)]
+        items = self.items.values()
+        uploader_of_code = np.array([self.uploaders.get(i, "") for i in items], dtype=object)
         frame = pd.DataFrame(
             {
                 "user": self.users.values()[pairs["user"].to_numpy()],
-                "item": self.items.values()[pairs["item"].to_numpy()],
+                "item": items[pairs["item"].to_numpy()],
                 "label": pairs["label"].to_numpy(dtype=np.float32),
                 "time": pairs["time"].to_numpy(dtype=np.int64),
                 "item_kind": kinds[pairs["item"].to_numpy()] if len(pairs) else [],
+                "item_uploader": uploader_of_code[pairs["item"].to_numpy()] if len(pairs) else [],
             }
         )
         return frame.sort_values(["time", "user"], kind="stable", ignore_index=True)
 
 
 async def read_catalog(
-    db: Database, page_rows: int, snapshot: Snapshot | None = None
+    db: Database,
+    page_rows: int,
+    snapshot: Snapshot | None = None,
+    uploaders: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Every public avatar, map and prop: item id (UUID string) -> kind."""
+    """Every public avatar, map and prop: item id (UUID string) -> kind; and into `uploaders`,
+    when given, item id -> its uploader's user id (absent when the item has none)."""
     snapshot = snapshot or await Snapshot.take(db)
     catalog: dict[str, str] = {}
     for kind, table in ITEM_TABLES.items():
         after = _NIL
         while True:
             rows = await db.fetch(
-                f"SELECT id FROM {table} {snapshot.clause}"
+                f"SELECT id, uploader_id FROM {table} {snapshot.clause}"
                 " WHERE is_public AND id > $1 ORDER BY id LIMIT $2",
                 after,
                 page_rows,
             )
             for row in rows:
                 catalog[str(row["id"])] = kind
+                if uploaders is not None and row["uploader_id"] is not None:
+                    uploaders[str(row["id"])] = str(row["uploader_id"])
             if len(rows) < page_rows:
                 break
             after = rows[-1]["id"]
@@ -170,8 +182,9 @@ async def export_interactions(
     """Read the catalog, every backpack save and every event; see the module docstring."""
     started = time.perf_counter()
     snapshot = await Snapshot.take(db)
-    catalog = await read_catalog(db, page_rows, snapshot)
-    collector = _Collector(catalog)
+    uploaders: dict[str, str] = {}
+    catalog = await read_catalog(db, page_rows, snapshot, uploaders)
+    collector = _Collector(catalog, uploaders)
     n_saves = await _export_saves(db, snapshot, collector, page_rows, save_weight, progress)
     n_events = await _export_events(db, snapshot, collector, page_rows, progress)
     frame = collector.frame()

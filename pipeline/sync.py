@@ -18,19 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 import structlog
 
 from uro_recs.core.config import Config
 from uro_recs.core.db import Database, Lease, load_migrations
+from uro_recs.core.families import KINDS
 from uro_recs.pipeline import registry
 from uro_recs.pipeline.export import Export, export_interactions
 
 if TYPE_CHECKING:
     from uro_recs.core.db import Connection
-    from uro_recs.pipeline.training import ModelKind, TrainedModel
+    from uro_recs.pipeline.training import TrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,6 @@ log = structlog.get_logger(__name__)
 # hits a list found, so it ranks the order of those hits, not how many there are.
 GATED_METRICS: Final = ("recall@10",)
 REPORTED_METRICS: Final = ("recall@10", "ndcg@10")  # each shown with popularity_<name>
-MODEL_KINDS: Final = ("als", "deepfm")
 
 
 class SyncError(Exception):
@@ -129,8 +129,8 @@ async def run_sync(
     """One sync; see the module docstring. `say` receives one progress line per phase."""
     name = model or config.sync.model
     chosen_kind = kind or config.sync.kind
-    if chosen_kind not in MODEL_KINDS:
-        raise SyncError(f"unknown model kind {chosen_kind!r}; choose one of {MODEL_KINDS}")
+    if chosen_kind not in KINDS:
+        raise SyncError(f"unknown model kind {chosen_kind!r}; choose one of {', '.join(KINDS)}")
     report = SyncReport(model=name, kind=chosen_kind)
     started = time.perf_counter()
     db = await Database.connect(config.database)
@@ -249,8 +249,9 @@ def _train(frame: Any, kind: str, config: Config, epochs: int | None) -> Trained
 
     return train_model(
         frame,
-        cast("ModelKind", kind),
+        kind,
         epochs=epochs,
+        params=config.sync.params,
         test_fraction=config.sync.test_fraction,
         threads=config.sync.threads,
         refit=config.sync.refit,

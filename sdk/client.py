@@ -217,8 +217,11 @@ class _BaseClient:
         exclude: Iterable[Id],
         model: str | None,
         timeout: float | None,
+        seq: Iterable[Id] | None = None,
     ) -> _Call[Recommendation]:
         args = {"user": user, **self._recommend_args(n, filter_consumed, exclude)}
+        if seq is not None:
+            args["seq"] = _id_list(seq, "seq")
         return self._new_call(Op.RECOMMEND, self._model(model), args, parse_recommendation, timeout)
 
     def _recommend_many(
@@ -380,11 +383,13 @@ class Client(_BaseClient):
         n: int = protocol.DEFAULT_N,
         filter_consumed: bool = True,
         exclude: Iterable[Id] = (),
+        seq: Iterable[Id] | None = None,
         model: str | None = None,
         timeout: float | None = None,
     ) -> Recommendation:
-        """The top `n` items for `user`."""
-        return self._run(self._recommend(user, n, filter_consumed, exclude, model, timeout))
+        """The top `n` items for `user`; `seq` (sequence models only): the user's most recent
+        items, oldest first, in place of what the model and the recent events know."""
+        return self._run(self._recommend(user, n, filter_consumed, exclude, model, timeout, seq))
 
     def recommend_many(
         self,
@@ -544,11 +549,15 @@ class AsyncClient(_BaseClient):
         n: int = protocol.DEFAULT_N,
         filter_consumed: bool = True,
         exclude: Iterable[Id] = (),
+        seq: Iterable[Id] | None = None,
         model: str | None = None,
         timeout: float | None = None,
     ) -> Recommendation:
-        """The top `n` items for `user`."""
-        return await self._run(self._recommend(user, n, filter_consumed, exclude, model, timeout))
+        """The top `n` items for `user`; `seq` (sequence models only): the user's most recent
+        items, oldest first, in place of what the model and the recent events know."""
+        return await self._run(
+            self._recommend(user, n, filter_consumed, exclude, model, timeout, seq)
+        )
 
     async def recommend_many(
         self,

@@ -14,13 +14,12 @@ import pandas as pd
 import pytest
 
 if TYPE_CHECKING:
-    from uro_recs.pipeline.training import ModelKind
     from uro_recs.worker.engine import Id
 
 # Small enough to train both models in a few seconds on two cores.
 DEMO_SIZES = {"n_users": 800, "n_items": 1200, "n_interactions": 30_000, "seed": 7}
 TRAINED_VERSION = "2026-11-27T000000Z"
-TRAINED_MODELS: dict[str, ModelKind] = {"als": "als", "deepfm": "deepfm"}  # name -> kind
+TRAINED_MODELS: dict[str, str] = {"als": "als", "deepfm": "deepfm"}  # name -> kind
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,48 @@ def test_train_publishes_only_when_asked_and_past_the_gate(config: Path, tmp_pat
     assert current.read_text().strip() == "v3"
 
 
+def test_train_takes_any_family_with_its_options_and_ids_as_text(
+    config: Path, tmp_path: Path
+) -> None:
+    from uro_recs.worker.engine import load_engine
+
+    csv = tmp_path / "ratings.csv"
+    # Numeric ids (pandas would read them as integers), a genre column, ratings 1-5, one
+    # repeated (user, item) pair.
+    rows = [
+        f"{u},0{(u * 3 + k) % 40},{1 + (u + k) % 5},{k},g{k % 3}"
+        for u in [*range(60), 813]
+        for k in range(8)
+    ]
+    rows += ["813,05,5,9,g0", "813,05,4,10,g0"]
+    csv.write_text("user,item,label,time,genre\n" + "\n".join(rows) + "\n")
+    trained = run(
+        *("--config", str(config), "train", "--model", "fm", "--kind", "fm", "--csv", str(csv)),
+        *("--epochs", "1", "--embed-size", "4", "--test-fraction", "0.25"),
+        *("--item-features", "genre", "--positive-threshold", "3", "--param", "lr=0.01"),
+        *("--version", "v1", "--publish", "--force"),
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "item features genre" in trained.stderr
+    assert "2 repeated (user, item) rows merged" in trained.stderr, trained.stderr
+    engine = load_engine(tmp_path / "store", "fm")
+    assert engine.manifest.params["item_features"] == ["genre"]
+    assert engine.manifest.params["lr"] == 0.01 and engine.manifest.params["n_epochs"] == 1
+    assert engine.manifest.params["refit"] is True
+    (by_text,) = engine.recommend(["813"], 5, True)
+    (by_int,) = engine.recommend([813], 5, True)
+    assert not by_text.cold_start and by_text == by_int
+    assert "05" in engine._item2id  # a leading zero is kept: ids are text
+
+    bad = run(
+        *("--config", str(config), "train", "--model", "x", "--kind", "item_cf", "--csv", str(csv)),
+        *("--param", "k_simm=5"),
+    )
+    one_line_error(bad, EXIT_USAGE, "item_cf takes no parameter k_simm; it takes ")
+    unknown_kind = run("--config", str(config), "train", "--model", "x", "--kind", "svd2")
+    assert unknown_kind.returncode == EXIT_USAGE and "invalid choice: 'svd2'" in unknown_kind.stderr
+
+
 def test_health_follows_the_live_workers(trained_store: Path) -> None:
     with Cluster(trained_store, {"als": 1}).start() as cluster:
         args = ("--config", str(cluster.config_path), "health")

@@ -302,6 +302,8 @@ def takes(kind: Any, value: Any) -> bool:
     """Whether a setting of type `kind` takes `value`'s TOML type."""
     if kind is float:
         return type(value) in (int, float)
+    if kind == dict[str, Any]:
+        return type(value) is dict
     return type(value) is {int: int, bool: bool, str: str, Path: str}[kind]
 
 
@@ -344,7 +346,9 @@ def test_any_value_of_another_toml_type_is_refused_naming_the_setting(
         ("store", '""', "store: expected a path (a non-empty string), got ''"),
         ("run_dir", '"a\\u0000b"', "run_dir: expected a path"),
         ("log_format", '"jsn"', "log_format: expected one of 'json', 'console', 'auto'"),
-        ("sync.kind", '"svd"', "sync.kind: expected one of 'als', 'deepfm', got 'svd'"),
+        ("sync.kind", '"word2vec"', "sync.kind: expected one of 'user_cf', 'item_cf', "),
+        ("sync.kind", '"word2vec"', "'sim', 'din', got 'word2vec'"),
+        ("sync.params", "5", "sync.params: expected a table, e.g. {n_epochs = 20}, got 5"),
         ("sync.save_weight", "nan", "sync.save_weight: expected a finite number, got nan"),
         ("worker.drain_timeout_s", "inf", "got inf (not finite)"),
         ("broker.queue_limit", str(2**64), f"got {2**64} (more than 64 bits)"),
@@ -412,7 +416,9 @@ def test_the_environment_takes_literals(
         ("URO_RECS_WORKER_MAX_BATCH_DELAY_MS", "soon", "expected a number >= 0"),
         ("URO_RECS_WORKER_RECENT_EVENTS", "maybe", "expected a boolean (true/false, yes/no"),
         ("URO_RECS_STORE", "", "expected a path (a non-empty string), got ''"),
-        ("URO_RECS_SYNC_KIND", "svd", "expected one of 'als', 'deepfm', got 'svd'"),
+        ("URO_RECS_SYNC_KIND", "svd++", "'sim', 'din', got 'svd++'"),
+        ("URO_RECS_SYNC_PARAMS", "[1]", "expected a JSON object, got '[1]'"),
+        ("URO_RECS_SYNC_PARAMS", "{n_epochs = 2}", "expected a JSON object"),
     ],
 )
 def test_the_environment_refuses_anything_but_a_literal_naming_the_variable(

@@ -90,6 +90,10 @@ def test_export_reads_saves_and_events_of_public_items_once_per_pair(
     assert (merged["label"] == merged["label_expected"]).all()
     assert set(got["item"]) <= set(community.public)
     assert (got["item"].map(community.public) == got["item_kind"]).all()
+    # Each item's uploader (a user id), the second item feature models train on.
+    assert got.groupby("item")["item_uploader"].nunique().eq(1).all()
+    assert set(got["item_uploader"]) <= set(community.interactions["user"])
+    assert got["item_uploader"].nunique() > 1
     assert paged.n_skipped > 0  # interactions with private items were read and dropped
     assert paged.catalog == community.public
     pd.testing.assert_frame_equal(got, whole.interactions)
@@ -157,8 +161,10 @@ def test_a_model_below_the_popularity_baseline_is_published_only_when_forced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import uro_recs.pipeline.training as training
+    from uro_recs.pipeline.evaluation import Evaluation
 
-    monkeypatch.setattr(training, "_evaluate", lambda *_args: {"recall@10": 0.0, "ndcg@10": 0.0})
+    worthless = Evaluation(recall=0.0, ndcg=0.0, coverage=0.0, users=1)
+    monkeypatch.setattr(training, "evaluate_model", lambda *_args: worthless)
     rejected = sync(community_database, tmp_path, "gated")
     assert rejected.status == "rejected"
     assert "below the popularity baseline" in rejected.summary()

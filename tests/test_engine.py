@@ -348,25 +348,33 @@ def test_warm_up_runs_every_supported_op(
     assert all(user in engine._user2id for user, _ in calls["predict"])
 
 
-def test_integer_ids_come_back_as_plain_python_ints(tmp_path: Path) -> None:
+def test_ids_are_text_and_an_integer_in_a_request_means_its_decimal_text(
+    tmp_path: Path,
+) -> None:
     from uro_recs.pipeline.demo_data import make_interactions
     from uro_recs.pipeline.training import train_and_save
 
     data = make_interactions(n_users=100, n_items=150, n_interactions=2_000, seed=5)
-    data["user"] = pd.factorize(data["user"])[0] + 1_000
+    data["user"] = pd.factorize(data["user"])[0] + 1_000  # integer ids, as pandas reads "1000"
     data["item"] = pd.factorize(data["item"])[0] * 7
     train_and_save(tmp_path, "ints", data, "als", version="v1")
     engine = load_engine(tmp_path, "ints")
     known_user, known_item = int(data["user"].iloc[0]), int(data["item"].iloc[0])
 
-    warm, cold = engine.recommend([known_user, -1], 5, True)
+    by_int, cold = engine.recommend([known_user, -1], 5, True)
+    (by_text,) = engine.recommend([str(known_user)], 5, True)
+    excluded = engine.recommend_batch(
+        [RecommendQuery(known_user, 5, exclude=frozenset({int(by_text.items[0])}))]
+    )[0]
     similar, _ = engine.similar_items(known_item, 3)
-    scores, cold_start = engine.predict(known_user, [known_item, -1])
+    scores, cold_start = engine.predict(known_user, [known_item, str(known_item), -1])
 
-    for item in [*warm.items, *cold.items, *similar]:
-        assert type(item) is int
-    assert cold.cold_start and not warm.cold_start
-    assert scores[1] is None and isinstance(scores[0], float) and not cold_start
+    assert by_int == by_text and not by_int.cold_start and cold.cold_start
+    assert by_text.items[0] not in excluded.items and excluded.items[:4] == by_text.items[1:5]
+    for item in [*by_int.items, *cold.items, *similar]:
+        assert type(item) is str and item.isdigit()
+    assert scores[0] == scores[1] and isinstance(scores[0], float) and scores[2] is None
+    assert not cold_start
 
 
 def test_als_and_deepfm_are_served_by_numpy_engines_unless_the_fast_path_is_off(

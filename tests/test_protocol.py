@@ -24,7 +24,7 @@ def _by_name(section: str) -> list[Any]:
 # The args each op takes (docs/PROTOCOL.md, section 3): a vector arg outside these would be
 # ignored by the decoder and by `_typed_args` alike, so it is refused here.
 OP_ARGS = {
-    "recommend": {"user", "users", "n", "filter_consumed", "exclude"},
+    "recommend": {"user", "users", "n", "filter_consumed", "exclude", "seq"},
     "predict": {"user", "items"},
     "similar_items": {"item", "n"},
     "rollout": {"version"},
@@ -43,6 +43,7 @@ def _typed_args(op: str, args: dict[str, Any]) -> protocol.OpArgs:
             n=args.get("n", 10),
             filter_consumed=args.get("filter_consumed", True),
             exclude=frozenset(args.get("exclude", [])),
+            seq=tuple(args["seq"]) if "seq" in args else None,
         )
     if op == "predict":
         return protocol.PredictArgs(user=args["user"], items=tuple(args["items"]))

@@ -16,9 +16,10 @@ on both. With libreco's [64, 32] hidden units the last layer, its batch norm and
 into one vector, leaving an add, a relu and a matrix-vector product per user (what that saves
 against libreco's graph: `python -m perf.bench`).
 
-Only the DeepFM shape uro-recs trains is served here: categorical item features (one value
-each), no user features, no numeric features, task "ranking". `load_deepfm_engine` returns
-None for anything else, and the worker falls back to libreco. The tests check the answers
+Only the DeepFM shape uro-recs trains from uro's data is served here: categorical item
+features (one value each), no user features, no numeric features, task "ranking".
+`load_deepfm_engine` returns None for anything else (a DeepFM trained without item features
+included), and the worker falls back to libreco. The tests check the answers
 equal libreco's for every user, except where libreco's own scores of two items are within
 1e-6 (float32 sums in another order differ from TF's by ~3e-7, and TF's own gaps between
 ranked items go down to ~1e-8), and predict's scores to 1e-5.
@@ -195,7 +196,7 @@ class DeepFMEngine(NumpyEngine):
         out += hidden @ self._deep_vector
         out += user.linear
 
-    def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+    def _predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
         """libreco's predict: the sigmoid of the output; None for unknown items.
 
         An unknown user is scored as libreco scores one: with the model's "oov" user row.
@@ -217,8 +218,11 @@ class DeepFMEngine(NumpyEngine):
 def load_deepfm_engine(directory: Path, manifest: Manifest, threads: int) -> DeepFMEngine | None:
     """The engine for a verified DeepFM version, or None when it uses what this one lacks."""
     threadpool_limits(limits=threads)
-    saved = read_saved_data(directory, arrays=["item_sparse_unique"])
     columns = _name_mapping_columns(directory)
+    if "item_sparse_col" not in columns:  # trained without item features
+        log.info("deepfm_served_by_libreco", model=manifest.model, reason="no item features")
+        return None
+    saved = read_saved_data(directory, arrays=["item_sparse_unique"])
     reason = None
     if saved.hyper_parameters.get("task") != "ranking":
         reason = "task is not ranking"
@@ -239,6 +243,8 @@ def load_deepfm_engine(directory: Path, manifest: Manifest, threads: int) -> Dee
 def _name_mapping_columns(directory: Path) -> set[str]:
     """The column groups the model's data has ("sparse_col", "user_dense_col", ...)."""
     path = directory / f"{MODEL_FILE_STEM}_data_info_name_mapping.json"
+    if not path.exists():  # libreco writes none for data without features
+        return set()
     try:
         return set(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:

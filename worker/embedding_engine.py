@@ -1,7 +1,10 @@
-"""The numpy engine for embedding models (ALS): scores are `U[users] @ I.T`, as in libreco.
+"""The numpy engine for embedding models: scores are `U[user] @ I.T`, as in libreco.
 
-libreco's `recommend_user` for an embedding model computes exactly this product on the same
-float32 arrays (the same BLAS call), so the ranking in `NumpyEngine` gives its answers.
+Every family whose answer is a function of saved embeddings (core/families.py, engine
+"embedding": ALS, SVD, SVD++, BPR, Item2Vec, DeepWalk, LightGCN, NGCF, GraphSage, PinSage,
+TwoTower) saves `user_embed` and `item_embed` (with libreco's bias columns folded in), and
+libreco's `recommend_user` computes exactly this product on the same float32 arrays (the same
+BLAS call for one user), so the ranking in `NumpyEngine` gives its answers.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ class EmbeddingEngine(NumpyEngine):
         self._sigmoid = saved.hyper_parameters.get("task") == "ranking"  # as libreco's predict
 
     def _scores(self, users: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        # The same expression as libreco's recommend_from_embedding, so the same BLAS call.
-        scores: npt.NDArray[np.float32] = (
-            self._user_embeds[users] @ self._item_embeds[: self.n_items].T
-        )
+        # One user at a time, as libreco's recommend_user scores one user: a matrix product of
+        # several users may round differently (another BLAS kernel), and an answer must not
+        # depend on which other requests share its batch.
+        items = self._item_embeds[: self.n_items].T
+        scores = np.empty((len(users), self.n_items), dtype=np.float32)
+        for row, user in enumerate(users.tolist()):
+            np.matmul(self._user_embeds[user : user + 1], items, out=scores[row : row + 1])
         return scores
 
-    def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+    def _predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
         """Scores as libreco's predict gives them; None for unknown items.
 
         An unknown user is scored with libreco's average user embedding (cold_start="average").

@@ -14,6 +14,7 @@ none of them, so choosing is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from uro_recs.core.families import BY_CLASS
 from uro_recs.core.model_store import Id as Id  # re-exported: the API speaks in Ids
 from uro_recs.core.model_store import (
     Manifest,
@@ -69,6 +71,7 @@ class RecommendQuery:
     n: int
     filter_consumed: bool = True
     exclude: frozenset[Id] = frozenset()
+    seq: tuple[Id, ...] | None = None  # the user's recent items, oldest first (sequence models)
 
 
 class Engine:
@@ -81,6 +84,8 @@ class Engine:
     # Upper bound on user x item scores computed in one call: a memory guard for large
     # batches (numpy engines hold one float32 matrix of that many scores).
     max_scores_per_call: int = 4_000_000
+    always_filters: bool = False  # see _filters
+    takes_seq: bool = False  # recommend follows a query's `seq` (sequence models)
 
     def __init__(
         self,
@@ -102,6 +107,11 @@ class Engine:
         self._user_consumed = user_consumed
         self._popular: list[Id] = list(dict.fromkeys(manifest.popular_items))
         self._unit_items = unit_items
+        # Models uro-recs trains have text ids (pipeline/training.py); a request may still
+        # name a user or item by an integer, which then means its decimal text.
+        self._text_ids = all(isinstance(i, str) for i in islice(user2id, 1)) and all(
+            isinstance(i, str) for i in self._id2item[:1]
+        )
         # Users one model call scores well at once; the worker splits larger batches.
         self.users_per_call = max(1, self.max_scores_per_call // max(1, self.n_items))
         ops = {"recommend", "predict"} | ({"similar_items"} if unit_items is not None else set())
@@ -139,10 +149,40 @@ class Engine:
         )
 
     def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
-        raise NotImplementedError
+        """Like `recommend`, for requests that differ in n, filter_consumed or exclude."""
+        if self._text_ids:
+            queries = [self._as_text_query(query) for query in queries]
+        return self._recommend_batch(queries)
 
     def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+        """A score per item (None for items the model does not know), and whether the user
+        was unknown (then scored as libreco's average user)."""
+        if self._text_ids:
+            user, items = _as_text(user), [_as_text(item) for item in items]
+        return self._predict(user, items)
+
+    def _recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
         raise NotImplementedError
+
+    def _predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+        raise NotImplementedError
+
+    def _as_text_query(self, query: RecommendQuery) -> RecommendQuery:
+        ints = any(type(item) is int for item in query.exclude) or (
+            query.seq is not None and any(type(item) is int for item in query.seq)
+        )
+        if type(query.user) is str and not ints:
+            return query
+        exclude = frozenset(_as_text(item) for item in query.exclude)
+        seq = None if query.seq is None else tuple(_as_text(item) for item in query.seq)
+        return dataclasses.replace(query, user=_as_text(query.user), exclude=exclude, seq=seq)
+
+    def training_sequence(self, user: Id) -> tuple[Id, ...]:
+        """The items `user` consumed in the training data, oldest first (empty if unknown)."""
+        inner = self._user2id.get(_as_text(user) if self._text_ids else user)
+        if inner is None:
+            return ()
+        return tuple(self._id2item[int(i)] for i in self._user_consumed.get(inner, ()))
 
     def similar_items(self, item: Id, n: int) -> tuple[list[Id], list[float]]:
         """The n items with the most similar embeddings (cosine), most similar first.
@@ -152,6 +192,8 @@ class Engine:
         if self._unit_items is None:
             raise Unsupported(f"{self.libreco_class} has no item embeddings")
         self._check_n(n)
+        if self._text_ids:
+            item = _as_text(item)
         index = self._item2id.get(item)
         if index is None:
             raise UnknownItem(f"unknown item: {item!r}")
@@ -192,8 +234,13 @@ class Engine:
         return list(islice((i for i in self._popular if i not in query.exclude), query.n))
 
     def _filters(self, query: RecommendQuery, consumed: int) -> bool:
-        # libreco filters consumed items only when n_rec + len(consumed) <= n_items.
-        return query.filter_consumed and consumed > 0 and query.n + consumed <= self.n_items
+        # libreco's embedding and TF models filter consumed items only when
+        # n_rec + len(consumed) <= n_items; its neighbourhood models always do.
+        return (
+            query.filter_consumed
+            and consumed > 0
+            and (self.always_filters or query.n + consumed <= self.n_items)
+        )
 
 
 def load_engine(
@@ -205,9 +252,9 @@ def load_engine(
 ) -> Engine:
     """Verify a stored version (the CURRENT one by default), then load it.
 
-    Checksums are checked before any file is read. ALS and DeepFM load into a numpy engine
-    unless `fast_path` is off (or the DeepFM uses features it does not compute); everything
-    else goes through libreco.
+    Checksums are checked before any file is read. Embedding models (core/families.py) and
+    DeepFM load into a numpy engine unless `fast_path` is off (or the DeepFM has a shape that
+    engine does not compute); everything else goes through libreco.
     """
     if threads < 1:
         raise BadArgument(f"threads must be at least 1, got {threads}")
@@ -215,12 +262,13 @@ def load_engine(
     chosen = version if version is not None else current_version(store, model_name)
     directory = version_dir(store, model_name, chosen)
     manifest = verify(directory)
+    family = BY_CLASS.get(manifest.libreco_class)
     engine: Engine | None = None
-    if fast_path and manifest.libreco_class == "ALS":
+    if fast_path and family is not None and family.engine == "embedding":
         from uro_recs.worker.embedding_engine import load_embedding_engine
 
         engine = load_embedding_engine(directory, manifest, threads)
-    elif fast_path and manifest.libreco_class == "DeepFM":
+    elif fast_path and family is not None and family.engine == "deepfm":
         from uro_recs.worker.deepfm_engine import load_deepfm_engine
 
         engine = load_deepfm_engine(directory, manifest, threads)
@@ -259,6 +307,10 @@ def _plain_id(value: object) -> Id:
     if isinstance(value, str | int):
         return value
     raise EngineError(f"id of unexpected type {type(value).__name__}")
+
+
+def _as_text(value: Id) -> Id:
+    return str(value) if isinstance(value, int) else value
 
 
 def _unknown_id(known: dict[Id, int]) -> Id:

@@ -1,8 +1,9 @@
 """The libreco-backed engine: the model loaded by LibRecommender, its own calls answering.
 
-Serves any model class libreco saved: the baseline the numpy engines are checked against, and
-what serves a model when the fast path is off or a DeepFM uses features the numpy engine
-does not compute. Each batch costs as few libreco calls as its mix of options allows.
+Serves every family in core/families.py: the neighbourhood, ranking and sequence models, the
+baseline the numpy engines are checked against, and what serves an embedding model when the
+fast path is off or a DeepFM uses features the numpy engine does not compute. Each batch
+costs as few libreco calls as its mix of options allows.
 
 TensorFlow and libreco come through `libreco_env`, which quietens TensorFlow before its
 first import. BLAS and OpenMP thread pools are capped at load time; a worker that wants them
@@ -21,7 +22,8 @@ from typing import Any, Final
 import numpy as np
 import structlog
 
-from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest
+from uro_recs.core.families import BY_CLASS
+from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
 from uro_recs.worker.engine import (
     Engine,
     EngineError,
@@ -30,17 +32,22 @@ from uro_recs.worker.engine import (
     RecommendQuery,
     unit_rows,
 )
-from uro_recs.worker.libreco_env import limit_threads, quiet, tf, tf_session_config
+from uro_recs.worker.libreco_env import (
+    limit_threads,
+    native_output_discarded,
+    quiet,
+    tf,
+    tf_session_config,
+)
 
 # isort: split
-from libreco.algorithms import ALS, DeepFM
-from libreco.bases import EmbedBase, TfBase
+import libreco.algorithms
+from libreco.bases import DynEmbedBase, EmbedBase, TfBase
 from libreco.data import DataInfo
 from libreco.utils.save_load import load_tf_variables
 
 log = structlog.get_logger(__name__)
 
-LIBRECO_CLASSES: Final[dict[str, type[Any]]] = {"ALS": ALS, "DeepFM": DeepFM}
 # TF models: libreco's cost per user grows with the users in one call past a few (it builds
 # feature tensors for every user-item pair at once), so a batch is served in calls of a few.
 TF_USERS_PER_CALL: Final = 4
@@ -54,6 +61,20 @@ class _Pending:
     consumed: int
 
 
+class _MostPopularFirst:
+    """Stands in for `data_info.np_rng` while serving. libreco draws random popular items
+    where a neighbourhood model has nothing left to recommend for a known user (every
+    candidate consumed); an answer must be repeatable, so those become the most popular
+    items in libreco's order. Serving draws nothing else from this generator."""
+
+    def choice(self, items: Any, size: int, *_: Any, **__: Any) -> Any:
+        return np.asarray(items)[:size]
+
+
+def make_fallbacks_deterministic(data_info: Any) -> None:
+    data_info.np_rng = _MostPopularFirst()
+
+
 class LibrecoEngine(Engine):
     """A model loaded with libreco. Not thread-safe: use one engine from one thread."""
 
@@ -64,19 +85,28 @@ class LibrecoEngine(Engine):
         unit_items = unit_rows(model.get_item_embedding()) if _has_embeddings(model) else None
         item_ids = [data_info.id2item[i] for i in range(data_info.n_items)]
         super().__init__(manifest, data_info.user2id, item_ids, data_info.user_consumed, unit_items)
+        make_fallbacks_deterministic(data_info)
+        # Neighbourhood models (CF, Swing) filter consumed items whatever n_rec is.
+        self.always_filters = not isinstance(model, EmbedBase | TfBase)
+        family = BY_CLASS.get(manifest.libreco_class)
+        self.takes_seq = family is not None and family.sequence
         self._model = model
         self.libreco_model = model  # for in-process baselines; serving goes through the methods
         self._graph = graph
         if graph is not None:
             self.users_per_call = min(self.users_per_call, TF_USERS_PER_CALL)
 
-    def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
-        """Like `recommend`, for requests that differ in n, filter_consumed or exclude."""
+    def _recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
         for query in queries:
             self._check_n(query.n)
         results: list[Recommendation | None] = [None] * len(queries)
         by_filter: dict[bool, list[_Pending]] = {True: [], False: []}
         for index, query in enumerate(queries):
+            if query.seq is not None and self.takes_seq:
+                with_seq = self._recommend_with_seq(query)
+                if with_seq is not None:
+                    results[index] = with_seq
+                    continue
             user_id = self._user2id.get(query.user)
             if user_id is None:
                 results[index] = Recommendation(self._popular_items(query), cold_start=True)
@@ -85,8 +115,11 @@ class LibrecoEngine(Engine):
             # Decide as a single call with this query's own n would, and keep it that way.
             filtered = self._filters(query, consumed)
             room = sum(1 for item in query.exclude if item in self._item2id)
-            limit = self.n_items - consumed if filtered else self.n_items
-            need = min(query.n + room, limit)
+            # libreco's embedding and TF models never list more than the unconsumed items;
+            # its neighbourhood models list what they find, Swing tops up with popular items.
+            limit = self.n_items - consumed if filtered and not self.always_filters else None
+
+            need = query.n + room if limit is None else min(query.n + room, limit)
             by_filter[filtered].append(_Pending(index, query, need, consumed))
 
         for filtered, pending in by_filter.items():
@@ -100,7 +133,7 @@ class LibrecoEngine(Engine):
         assert len(answered) == len(queries), "every query gets exactly one answer"
         return answered
 
-    def predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
+    def _predict(self, user: Id, items: Sequence[Id]) -> tuple[list[float | None], bool]:
         """Scores (libreco's sigmoid probabilities) for `user` and each item.
 
         Unknown items score None. An unknown user is scored as the average user (libreco's
@@ -132,10 +165,33 @@ class LibrecoEngine(Engine):
         remaining = sorted(pending, key=lambda p: p.need, reverse=True)
         while remaining:
             n_rec = remaining[0].need
-            fits = [p for p in remaining if not filtered or n_rec + p.consumed <= self.n_items]
-            remaining = [p for p in remaining if filtered and n_rec + p.consumed > self.n_items]
+            fits = [p for p in remaining if not self._crosses_the_line(filtered, n_rec, p)]
+            remaining = [p for p in remaining if self._crosses_the_line(filtered, n_rec, p)]
             for start in range(0, len(fits), self.users_per_call):
                 yield n_rec, fits[start : start + self.users_per_call]
+
+    def _recommend_with_seq(self, query: RecommendQuery) -> Recommendation | None:
+        """libreco's `recommend_user(user, n, seq=...)`: the user's representation computed
+        from these items (it reads the last `recent_num` of them). None when no item of `seq`
+        is in the model: the user is then served as without one."""
+        seq = [item for item in query.seq or () if item in self._item2id]
+        if not seq:
+            return None
+        user_id = self._user2id.get(query.user)
+        consumed = 0 if user_id is None else len(self._user_consumed.get(user_id, ()))
+        filtered = self._filters(query, consumed)
+        room = sum(1 for item in query.exclude if item in self._item2id)
+        need = min(query.n + room, self.n_items - consumed if filtered else self.n_items)
+        with self._in_graph():
+            ranked = self._model.recommend_user(
+                user=query.user, n_rec=need, seq=seq, filter_consumed=filtered, random_rec=False
+            )
+        items = [item for item in ranked[query.user].tolist() if item not in query.exclude]
+        return Recommendation(items[: query.n], cold_start=False)
+
+    def _crosses_the_line(self, filtered: bool, n_rec: int, pending: _Pending) -> bool:
+        """Whether asking for n_rec would stop libreco filtering this user's consumed items."""
+        return filtered and not self.always_filters and n_rec + pending.consumed > self.n_items
 
     def _recommend_known(self, users: list[Id], n_rec: int, filtered: bool) -> dict[Id, list[Id]]:
         unique_users = list(dict.fromkeys(users))
@@ -151,13 +207,22 @@ class LibrecoEngine(Engine):
 
 def load_libreco_engine(directory: Path, manifest: Manifest, threads: int) -> LibrecoEngine:
     """Load a verified version with libreco, its TF session (if any) capped at `threads`."""
-    model_class = LIBRECO_CLASSES.get(manifest.libreco_class)
-    if model_class is None:
+    if manifest.libreco_class not in BY_CLASS:
         raise EngineError(f"unsupported libreco class {manifest.libreco_class!r}")
+    model, data_info, graph = load_libreco_model(directory, manifest.libreco_class, threads)
+    return LibrecoEngine(manifest, model, data_info, graph)
+
+
+def load_libreco_model(directory: Path, libreco_class: str, threads: int) -> tuple[Any, Any, Any]:
+    """libreco's model, data info and TF graph (None without TF) from the files in
+    `directory`, saved under the store's file stem."""
+    model_class: type[Any] = getattr(libreco.algorithms, libreco_class)
     limit_threads(threads)
-    graph = tf.Graph() if issubclass(model_class, TfBase) else None
+    in_tf_graph = issubclass(model_class, TfBase | DynEmbedBase)
+    graph = tf.Graph() if in_tf_graph else None
     path = str(directory)
-    with quiet(stderr=True):  # libreco prints parameter counts, TF warns about deprecations
+    # libreco prints parameter counts, TF warns about deprecations, recfarm says it loads.
+    with quiet(stderr=True), native_output_discarded():
         data_info = DataInfo.load(path, MODEL_FILE_STEM)
         if graph is None:
             model = model_class.load(path, MODEL_FILE_STEM, data_info)
@@ -167,7 +232,17 @@ def load_libreco_engine(directory: Path, manifest: Manifest, threads: int) -> Li
             factory = _with_session_config(model_class, tf_session_config(threads))
             with graph.as_default():
                 model = load_tf_variables(factory, path, MODEL_FILE_STEM, data_info)
-    return LibrecoEngine(manifest, model, data_info, graph)
+            if issubclass(model_class, DynEmbedBase):
+                model.user_embeds_np, model.item_embeds_np = _embeddings(directory)
+    return model, data_info, graph
+
+
+def _embeddings(directory: Path) -> tuple[Any, Any]:
+    try:
+        with np.load(directory / f"{MODEL_FILE_STEM}.npz") as saved:
+            return saved["user_embed"], saved["item_embed"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise StoreCorrupt(directory, f"{MODEL_FILE_STEM}.npz", f"cannot read: {exc}") from exc
 
 
 def _with_session_config(model_class: type[Any], config: dict[str, object]) -> Callable[..., Any]:

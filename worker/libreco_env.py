@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ import tensorflow as tf  # reads TF_CPP_MIN_LOG_LEVEL when first imported
 # libreco calls tf.disable_v2_behavior() on import, which logs deprecation warnings.
 tf.get_logger().setLevel("ERROR")
 
-__all__ = ["limit_threads", "quiet", "tf", "tf_session_config"]
+__all__ = ["limit_threads", "native_output_discarded", "quiet", "tf", "tf_session_config"]
 
 
 def tf_session_config(threads: int) -> dict[str, object]:
@@ -60,3 +61,20 @@ def quiet(stderr: bool = False) -> Iterator[None]:
             stack.enter_context(warnings.catch_warnings())
             warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def native_output_discarded() -> Iterator[None]:
+    """Native code (libreco's Rust neighbourhood models) prints progress straight to file
+    descriptor 1, where `uro-recs train` writes its JSON answer and workers their logs: point
+    it at /dev/null meanwhile. Process-wide, like `quiet`."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)

@@ -80,8 +80,7 @@ class NumpyEngine(Engine):
         """A new (len(users), n_items) array of libreco's scores for these inner users."""
         raise NotImplementedError
 
-    def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
-        """Like `recommend`, for requests that differ in n, filter_consumed or exclude."""
+    def _recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
         for query in queries:
             self._check_n(query.n)
         results: list[Recommendation] = []

@@ -5,6 +5,10 @@ A model knows the items a user consumed up to its training data; events ingested
 `[worker] recent_events` on keeps, per user, the items of their positive-weight events in
 `recs_events` since the model's export, and `recommend` treats them as consumed.
 
+For sequence models (RNN4Rec, DIN, ...) it also keeps each user's newest events in the order
+they happened: the worker appends them to the user's training sequence, so a map played a
+second ago changes what the user is offered next.
+
 A thread of its own reads them with asyncpg: first everything since the export, then every
 `refresh_ms` what was inserted since the last read, in keyset pages on `inserted_at` plus the
 primary key. Each read starts `OVERLAP` before the newest `inserted_at` seen, because a
@@ -34,6 +38,7 @@ log = structlog.get_logger("uro_recs.worker.recent_events")
 OVERLAP: Final = timedelta(seconds=2)
 _NIL: Final = "00000000-0000-0000-0000-000000000000"
 PAGE_ROWS: Final = 10_000
+SEQUENCE_ITEMS: Final = 50  # per user, for sequence models (they read their last few)
 _NO_KEY: Final = (_NIL, "", _NIL, "", datetime.min.replace(tzinfo=UTC))
 # Keyset on (inserted_at, primary key): rows sharing one inserted_at (one ingest transaction)
 # are never skipped or read forever, whatever the page size.
@@ -63,6 +68,8 @@ class RecentEvents:
         self.database = database
         self.refresh_s = refresh_ms / 1000
         self._items: dict[str, frozenset[str]] = {}
+        # Per user, the newest SEQUENCE_ITEMS (occurred_at, item) pairs, oldest first.
+        self._sequences: dict[str, tuple[tuple[datetime, str], ...]] = {}
         self._since = since  # the next read starts here (minus OVERLAP)
         self._reset_to: datetime | None = None
         self._ready = threading.Event()
@@ -93,6 +100,12 @@ class RecentEvents:
         """The items `user` had events with since the export, or None."""
         return self._items.get(user) if isinstance(user, str) else None
 
+    def sequence_of(self, user: object) -> tuple[str, ...]:
+        """The items of `user`'s events since the export in the order they happened (the
+        newest SEQUENCE_ITEMS), for sequence models; empty if none."""
+        pairs = self._sequences.get(user, ()) if isinstance(user, str) else ()
+        return tuple(item for _, item in pairs)
+
     def reset(self, since: datetime) -> None:
         """After a rollout: forget what was read and read again from the new model's export."""
         self._reset_to = since
@@ -113,7 +126,7 @@ class RecentEvents:
 
     async def _read_forever(self) -> None:
         async with await Database.connect(self.database) as db:
-            count = await self._read_new(db, self._items)
+            count = await self._read_new(db, self._items, self._sequences)
             log.info("recent_events_loaded", since=self._since.isoformat(), events=count)
             self._ready.set()
             while not self._stop.is_set():
@@ -124,14 +137,20 @@ class RecentEvents:
                         # Read into a new map and swap: no moment with an empty filter.
                         self._since, self._reset_to = self._reset_to, None
                         fresh: dict[str, frozenset[str]] = {}
-                        await self._read_new(db, fresh)
-                        self._items = fresh
+                        fresh_sequences: dict[str, tuple[tuple[datetime, str], ...]] = {}
+                        await self._read_new(db, fresh, fresh_sequences)
+                        self._items, self._sequences = fresh, fresh_sequences
                     else:
-                        await self._read_new(db, self._items)
+                        await self._read_new(db, self._items, self._sequences)
                 except Exception:  # the database may come back: keep what we have, read again
                     log.exception("recent_events_read_failed")
 
-    async def _read_new(self, db: Database, items: dict[str, frozenset[str]]) -> int:
+    async def _read_new(
+        self,
+        db: Database,
+        items: dict[str, frozenset[str]],
+        sequences: dict[str, tuple[tuple[datetime, str], ...]],
+    ) -> int:
         """Merge into `items` every positive event inserted since `_since` - OVERLAP, then
         move `_since` to the newest seen; returns the rows read."""
         start = self._since - OVERLAP
@@ -141,12 +160,17 @@ class RecentEvents:
             rows = await db.fetch(_PAGE_SQL, start, *key, PAGE_ROWS)
             read += len(rows)
             added: dict[str, set[str]] = {}
+            happened: dict[str, set[tuple[datetime, str]]] = {}
             for row in rows:
                 added.setdefault(row["user_id"], set()).add(row["item_id"])
+                happened.setdefault(row["user_id"], set()).add((row["occurred_at"], row["item_id"]))
             for user, new in added.items():
                 known = items.get(user, frozenset())
                 if not new <= known:
                     items[user] = known | new  # replaced whole: readers never see a set grow
+                # Merged as a set (a re-read row changes nothing), kept in time order.
+                merged = sorted(set(sequences.get(user, ())) | happened[user])
+                sequences[user] = tuple(merged[-SEQUENCE_ITEMS:])
             if rows:
                 newest = max(newest, rows[-1]["inserted_at"])
             if len(rows) < PAGE_ROWS:

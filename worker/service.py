@@ -184,7 +184,14 @@ class WorkerService(WorkerLoop):
                 self.reply_error(job, request.id, ErrorCode.INTERNAL, message)
                 continue
             args = request.args
-            if isinstance(args, RecommendArgs) and args.n <= self.engine.n_items:
+            if (
+                isinstance(args, RecommendArgs)
+                and args.seq is not None
+                and not self.engine.takes_seq
+            ):
+                message = f"model {self.engine.name!r} ({self.engine.libreco_class}) takes no seq"
+                self.reply_error(job, request.id, ErrorCode.UNSUPPORTED, message)
+            elif isinstance(args, RecommendArgs) and args.n <= self.engine.n_items:
                 self._pending.append(PendingRecommend(job, request, args))
             else:
                 self._run_one(job, request)
@@ -259,7 +266,13 @@ class WorkerService(WorkerLoop):
     def _run_chunk(self, chunk: list[tuple[PendingRecommend, int]]) -> None:
         """One model call: the next `count` users of each request; the finished are answered."""
         queries = [
-            RecommendQuery(user, p.args.n, p.args.filter_consumed, self._excluded(user, p.args))
+            RecommendQuery(
+                user,
+                p.args.n,
+                p.args.filter_consumed,
+                self._excluded(user, p.args),
+                self._sequence(user, p.args),
+            )
             for p, count in chunk
             for user in p.args.users[len(p.done) : len(p.done) + count]
         ]
@@ -311,6 +324,14 @@ class WorkerService(WorkerLoop):
             return args.exclude
         recent = self.recent.items_of(user)
         return args.exclude | recent if recent else args.exclude
+
+    def _sequence(self, user: Id, args: RecommendArgs) -> tuple[Id, ...] | None:
+        """For sequence models: the request's `seq`, else (with recent events) the user's
+        training items followed by what they did since the export; None: the model's own."""
+        if args.seq is not None or self.recent is None or not self.engine.takes_seq:
+            return args.seq
+        recent = self.recent.sequence_of(user)
+        return self.engine.training_sequence(user) + recent if recent else None
 
     def _run_one(self, job: Job, request: Request) -> None:
         args = request.args

@@ -56,18 +56,21 @@ defmodule UroRecs do
   (`{:ok, [%UroRecs.Recommendation{}]}`, in the order asked; at most 1000 users).
 
   Options: `:n` (10), `:filter_consumed` (true), `:exclude` (item ids never to return, `[]`),
+  `:seq` (sequence models, one user only: the user's most recent item ids, oldest first),
   `:model`, `:timeout`.
   """
   @spec recommend(client(), id() | [id()], keyword()) ::
           result(UroRecs.Recommendation.t() | [UroRecs.Recommendation.t()])
   def recommend(client, user_or_users, opts \\ []) do
-    opts = Keyword.validate!(opts, [:model, :timeout, n: 10, filter_consumed: true, exclude: []])
+    opts =
+      Keyword.validate!(opts, [:model, :timeout, :seq, n: 10, filter_consumed: true, exclude: []])
 
-    args = [
-      {"n", opts[:n]},
-      {"filter_consumed", opts[:filter_consumed]}
-      | if(opts[:exclude] == [], do: [], else: [{"exclude", opts[:exclude]}])
-    ]
+    args =
+      [
+        {"n", opts[:n]},
+        {"filter_consumed", opts[:filter_consumed]}
+        | if(opts[:exclude] == [], do: [], else: [{"exclude", opts[:exclude]}])
+      ] ++ if(opts[:seq] == nil, do: [], else: [{"seq", opts[:seq]}])
 
     if is_list(user_or_users) do
       args = [{"users", user_or_users} | args]

@@ -195,6 +195,12 @@ defmodule UroRecs.IntegrationTest do
     assert {:error, %Error{code: :unsupported}} =
              UroRecs.similar_items(pool, "item-3", model: "deepfm")
 
+    # `seq` reaches the worker, which says ALS is not a sequence model.
+    assert {:error, %Error{code: :unsupported, message: message}} =
+             UroRecs.recommend(pool, "user-7", seq: ["item-3"], model: "als")
+
+    assert message =~ "takes no seq"
+
     assert %Error{code: :unsupported_version, retry?: false} =
              raw_error(cluster, %{"v" => 2, "id" => 1, "op" => "info"})
 
