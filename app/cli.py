@@ -319,6 +319,7 @@ def cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         item_features=features,
         positive_threshold=args.positive_threshold,
+        eval_users=args.eval_users,
     )
     if args.json:
         print(json.dumps([row.as_dict() for row in rows]))
@@ -877,6 +878,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", default="als,item_cf,deepfm", help="comma-separated kinds, or 'all'"
     )
     _training_options(evaluate)
+    evaluate.add_argument(
+        "--eval-users",
+        type=_positive_int,
+        default=None,
+        help="score a seeded sample of this many held-out users (default: all)",
+    )
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     evaluate.set_defaults(func=cmd_evaluate)
 

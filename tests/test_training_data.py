@@ -3,6 +3,8 @@ by threshold, named feature columns, and a chronological split that is the same 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -96,3 +98,26 @@ def test_feature_columns_are_named_and_a_missing_one_is_refused() -> None:
         prepare_interactions(df, item_features=["genre", "colour"])
     with pytest.raises(InvalidInput, match="label cannot be an item feature"):
         prepare_interactions(df, item_features=["label"])
+
+
+def test_evaluation_can_score_a_seeded_sample_of_the_held_out_users() -> None:
+    from uro_recs.pipeline.demo_data import make_interactions
+    from uro_recs.pipeline.training import train_model
+
+    data = make_interactions(n_users=120, n_items=150, n_interactions=3_000, seed=3)
+    options: dict[str, Any] = {"epochs": 1, "test_fraction": 0.2, "eval_users": 25}
+    sampled = train_model(data, "als", **options)
+    again = train_model(data, "als", **options)
+    everyone = train_model(data, "als", epochs=1, test_fraction=0.2)
+
+    assert sampled.data["n_eval_users"] == 25
+    assert everyone.data["n_eval_users"] == everyone_users(data)
+    assert sampled.metrics["recall@10"] == again.metrics["recall@10"]  # the same sample
+
+
+def everyone_users(data: pd.DataFrame) -> int:
+    """Held-out users of the default split: more than the sample of 25."""
+    held = split_chrono(prepare_interactions(data).frame, 0.2)[1]
+    count = int(held["user"].nunique())
+    assert count > 25
+    return count
