@@ -32,7 +32,7 @@ _PROBE_TIMEOUT_S: Final = 600
 class Row:
     name: str
     metrics: dict[str, float]
-    train_s: float | None = None
+    train_s: float | None = None  # fitting only, evaluation not included
     serve_p50_ms: float | None = None
     worker_mib: float | None = None
     error: str | None = None
@@ -71,7 +71,7 @@ def compare(
             except Exception as exc:  # one candidate's failure is a row, not the end
                 rows.append(Row(kind, {}, error=f"{type(exc).__name__}: {exc}"[:200]))
                 continue
-            train_s = round(time.perf_counter() - started, 1)
+            train_s = round(trained.metrics.get("fit_seconds", time.perf_counter() - started), 1)
             if not rows:
                 popularity = {
                     name.removeprefix("popularity_"): value
@@ -86,16 +86,16 @@ def compare(
             }
             save_version(store, kind, "candidate", trained.save, trained.manifest_fields())
             probe = _probe(store, kind, [str(u) for u in trained.data_info.user2id])
-            rows.append(
-                Row(
-                    kind,
-                    metrics,
-                    train_s=train_s,
-                    serve_p50_ms=probe.get("p50_ms"),
-                    worker_mib=probe.get("pss_mib"),
-                    error=probe.get("error"),
-                )
+            row = Row(
+                kind,
+                metrics,
+                train_s=train_s,
+                serve_p50_ms=probe.get("p50_ms"),
+                worker_mib=probe.get("pss_mib"),
+                error=probe.get("error"),
             )
+            rows.append(row)
+            say(f"evaluate: {json.dumps(row.as_dict())}")  # a long run's rows as they come
     return rows
 
 
