@@ -26,7 +26,6 @@ flight, of `batch_rows` each).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -189,7 +188,7 @@ class LoadedModel:
 def load_model(store: Path, name: str, version: str | None = None) -> LoadedModel:
     """Verify a stored version (CURRENT by default), then load it with libreco."""
     from uro_recs.core.model_store import MODEL_FILE_STEM, current_version, verify, version_dir
-    from uro_recs.worker.libreco_env import quiet, tf
+    from uro_recs.worker.libreco_env import in_graph, quiet, tf
 
     # isort: split
     from libreco.algorithms import ALS, DeepFM
@@ -203,7 +202,7 @@ def load_model(store: Path, name: str, version: str | None = None) -> LoadedMode
     if model_class is None:
         raise ValueError(f"cannot batch-recommend with {manifest.libreco_class}")
     graph = tf.Graph() if model_class is DeepFM else None
-    with quiet(stderr=True), graph.as_default() if graph is not None else contextlib.nullcontext():
+    with quiet(stderr=True), in_graph(graph):
         data_info = DataInfo.load(str(directory), MODEL_FILE_STEM)
         model = model_class.load(str(directory), MODEL_FILE_STEM, data_info)
     popular = tuple(str(item) for item in manifest.popular_items)
@@ -345,8 +344,9 @@ class Scorer:
         wanted = np.concatenate(list(self.candidates.values()))
         scores = np.full((len(users), self.n_items), -np.inf)
         if wanted.size:
-            graph = self.loaded.graph
-            with graph.as_default() if graph is not None else contextlib.nullcontext():
+            from uro_recs.worker.libreco_env import in_graph  # loaded with the model
+
+            with in_graph(self.loaded.graph):
                 probabilities = self.loaded.model.predict(
                     user=np.repeat(users, wanted.size),
                     item=np.tile(wanted, len(users)),

@@ -37,7 +37,13 @@ from uro_recs.core.model_store import (
 )
 from uro_recs.pipeline.evaluation import EVAL_K, Evaluation, evaluate_model, evaluate_popularity
 from uro_recs.pipeline.interactions import REQUIRED_COLUMNS, InvalidInput
-from uro_recs.worker.libreco_env import native_output_discarded, quiet, tf, tf_session_config
+from uro_recs.worker.libreco_env import (
+    in_graph,
+    native_output_discarded,
+    quiet,
+    tf,
+    tf_session_config,
+)
 
 # isort: split
 # After libreco_env, which quietens TensorFlow before libreco first imports it.
@@ -169,8 +175,7 @@ class TrainedModel:
     def save(self, directory: Path) -> None:
         """Write libreco's files (data_info and what inference needs of the model)."""
         path = str(directory)
-        in_graph = self.graph.as_default() if self.graph is not None else contextlib.nullcontext()
-        with quiet(stderr=True), native_output_discarded(), in_graph:
+        with quiet(stderr=True), native_output_discarded(), self.in_graph():
             self.data_info.save(path, MODEL_FILE_STEM)
             if isinstance(self.model, TfBase):
                 # Only what inference needs: variables without optimizer slots.
@@ -180,6 +185,10 @@ class TrainedModel:
                 self.model.save(path, MODEL_FILE_STEM, inference_only=True)
             else:
                 self.model.save(path, MODEL_FILE_STEM)
+
+    def in_graph(self) -> contextlib.AbstractContextManager[Any]:
+        """The model's TF graph as the default one, for calling it in process."""
+        return in_graph(self.graph)
 
     def manifest_fields(self) -> dict[str, object]:
         return {
@@ -348,7 +357,7 @@ class _Fitted:
     fit_seconds: float
 
     def in_graph(self) -> contextlib.AbstractContextManager[Any]:
-        return self.graph.as_default() if self.graph is not None else contextlib.nullcontext()
+        return in_graph(self.graph)
 
 
 def _fit(

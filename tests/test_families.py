@@ -4,7 +4,6 @@ in-process libreco model that was trained answers."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,7 @@ def in_process(trained: Any, user: str, n: int, filter_consumed: bool) -> list[A
     from uro_recs.worker.libreco_engine import make_fallbacks_deterministic
 
     make_fallbacks_deterministic(trained.data_info)  # as served: no random fallback
-    graph = trained.graph.as_default() if trained.graph is not None else contextlib.nullcontext()
-    with graph:
+    with trained.in_graph():
         ranked = trained.model.recommend_user(user, n, filter_consumed=filter_consumed)
     return [str(item) for item in ranked[user]]
 
@@ -63,8 +61,7 @@ def same_ranking(trained: Any, user: str, got: list[Any], expected: list[Any]) -
         return True
     if len(got) != len(expected):
         return False
-    graph = trained.graph.as_default() if trained.graph is not None else contextlib.nullcontext()
-    with graph:
+    with trained.in_graph():
         scores = [
             trained.model.predict(user=[user] * len(ids), item=ids) for ids in (got, expected)
         ]
@@ -104,8 +101,7 @@ def test_the_engine_a_worker_loads_answers_what_libreco_answers_in_process(
     user = next(iter(model.data_info.user2id))
     items = [model.data_info.id2item[0], "no-such-item", model.data_info.id2item[1]]
     scores, cold_start = engine.predict(user, items)
-    graph = model.graph.as_default() if model.graph is not None else contextlib.nullcontext()
-    with graph:
+    with model.in_graph():
         expected = model.model.predict(user=[user, user], item=[items[0], items[2]])
     assert scores[1] is None and not cold_start
     assert scores[0] is not None and scores[2] is not None

@@ -33,6 +33,7 @@ from uro_recs.worker.engine import (
     unit_rows,
 )
 from uro_recs.worker.libreco_env import (
+    in_graph,
     limit_threads,
     native_output_discarded,
     quiet,
@@ -202,7 +203,7 @@ class LibrecoEngine(Engine):
         return {user: ranked[user].tolist() for user in unique_users}
 
     def _in_graph(self) -> contextlib.AbstractContextManager[Any]:
-        return self._graph.as_default() if self._graph is not None else contextlib.nullcontext()
+        return in_graph(self._graph)
 
 
 def load_libreco_engine(directory: Path, manifest: Manifest, threads: int) -> LibrecoEngine:

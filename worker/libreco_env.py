@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
@@ -23,7 +24,14 @@ import tensorflow as tf  # reads TF_CPP_MIN_LOG_LEVEL when first imported
 # libreco calls tf.disable_v2_behavior() on import, which logs deprecation warnings.
 tf.get_logger().setLevel("ERROR")
 
-__all__ = ["limit_threads", "native_output_discarded", "quiet", "tf", "tf_session_config"]
+__all__ = [
+    "in_graph",
+    "limit_threads",
+    "native_output_discarded",
+    "quiet",
+    "tf",
+    "tf_session_config",
+]
 
 
 def tf_session_config(threads: int) -> dict[str, object]:
@@ -33,6 +41,11 @@ def tf_session_config(threads: int) -> dict[str, object]:
         "inter_op_parallelism_threads": threads,
         "allow_soft_placement": True,
     }
+
+
+def in_graph(graph: Any) -> contextlib.AbstractContextManager[Any]:
+    """`graph` as TensorFlow's default graph; nothing for a model that has none."""
+    return graph.as_default() if graph is not None else contextlib.nullcontext()
 
 
 def limit_threads(threads: int) -> None:
