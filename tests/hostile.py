@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 
 FIELDS = ("v", "id", "op", "model", "args", "timeout_ms")
-ARG_FIELDS = ("user", "users", "n", "filter_consumed", "exclude", "items", "item", "events")
+ARG_FIELDS = ("user", "users", "n", "filter_consumed", "exclude", "seq", "items", "item", "events")
 OPS = ("recommend", "predict", "similar_items", "info", "stats", "ingest", "rollout", "nope")
 
 
