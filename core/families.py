@@ -43,6 +43,9 @@ class Family:
     sequence: bool  # recommend_user takes `seq`: the user's most recent items
     engine: Engine  # what serves it: a numpy engine reads saved files, libreco loads the model
     defaults: Mapping[str, object]  # over COMMON_DEFAULTS
+    # recfarm's neighbourhood models index (user or item) pairs with 32-bit integers: more
+    # than MAX_PAIR_SIDE of them fails ("out of range integral type conversion").
+    pairs_of: Literal["user", "item"] | None = None
 
     def default_params(self) -> dict[str, object]:
         return {**COMMON_DEFAULTS, **self.defaults}
@@ -57,16 +60,26 @@ def _family(
     *,
     item_features: bool = False,
     sequence: bool = False,
+    pairs_of: Literal["user", "item"] | None = None,
     **defaults: object,
 ) -> Family:
-    return Family(kind, libreco_class, group, backend, item_features, sequence, engine, defaults)
+    return Family(
+        kind, libreco_class, group, backend, item_features, sequence, engine, defaults, pairs_of
+    )
+
+
+MAX_PAIR_SIDE: Final = 46_340  # the largest n with n * n <= 2**31 - 1
 
 
 _TABLE: Final = (
     _family("user_cf", "UserCF", "neighbourhood", "numpy", "libreco", k_sim=20),
     _family("item_cf", "ItemCF", "neighbourhood", "numpy", "libreco", k_sim=20),
-    _family("rs_user_cf", "RsUserCF", "neighbourhood", "rust", "libreco", k_sim=20),
-    _family("rs_item_cf", "RsItemCF", "neighbourhood", "rust", "libreco", k_sim=20),
+    _family(
+        "rs_user_cf", "RsUserCF", "neighbourhood", "rust", "libreco", k_sim=20, pairs_of="user"
+    ),
+    _family(
+        "rs_item_cf", "RsItemCF", "neighbourhood", "rust", "libreco", k_sim=20, pairs_of="item"
+    ),
     _family("swing", "Swing", "neighbourhood", "rust", "libreco", top_k=20),
     _family(
         "als",

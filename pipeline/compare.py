@@ -2,14 +2,17 @@
 
 Each candidate trains on the same split (`train_model` with the same hold-out and seed) and is
 scored as the sync's publish gate scores it (pipeline/evaluation.py), beside the popularity
-baseline. The fitted model is then saved into a scratch store and loaded the way a worker
-loads it, in a process of its own (`python -m uro_recs.pipeline.compare probe ...`), which
-times `recommend` one user at a time and reads its own memory: what one worker costs.
+baseline. Each trains in a process of its own (`python -m uro_recs.pipeline.compare train
+...`), so that one the kernel kills for its memory is a row, not the end of the comparison.
+The fitted model is saved into a scratch store and loaded the way a worker loads it, in
+another process (`... compare probe ...`), which times `recommend` one user at a time and
+reads its own memory: what one worker costs.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +29,7 @@ import pandas as pd
 from uro_recs.pipeline.evaluation import EVAL_K
 
 PROBE_USERS: Final = 300  # recommend calls timed per candidate, one user each
+_DATA_FILE: Final = "interactions.pkl"  # the interactions, as each candidate's process reads them
 _PROBE_TIMEOUT_S: Final = 600
 
 
@@ -55,41 +60,37 @@ def compare(
     say: Callable[[str], None] = lambda _: None,
     **options: Any,
 ) -> list[Row]:
-    """The popularity baseline, then one row per kind (`options` as `train_model` takes them;
-    `test_fraction` must be above 0). A kind that fails gets a row with its error."""
-    from uro_recs.core.model_store import save_version
-    from uro_recs.pipeline.training import train_model
-
+    """The popularity baseline, then one row per kind (`options` as `train_model` takes them,
+    JSON values; `test_fraction` must be above 0). Each candidate trains in a process of its
+    own, so one that fails, or that the kernel kills for its memory, is a row with its error
+    and the others go on."""
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="uro-recs-evaluate-") as scratch:
-        store = Path(scratch)
+        df.to_pickle(Path(scratch) / _DATA_FILE)
         for kind in kinds:
             say(f"evaluate: training {kind} ...")
-            started = time.perf_counter()
-            try:
-                trained = train_model(df, kind, refit=False, **options)
-            except Exception as exc:  # one candidate's failure is a row, not the end
-                rows.append(Row(kind, {}, error=f"{type(exc).__name__}: {exc}"[:200]))
+            trained = _train(Path(scratch), kind, options)
+            if "error" in trained:
+                rows.append(Row(kind, {}, error=trained["error"]))
+                say(f"evaluate: {json.dumps(rows[-1].as_dict())}")
                 continue
-            train_s = round(trained.metrics.get("fit_seconds", time.perf_counter() - started), 1)
-            if not rows:
+            metrics: dict[str, float] = trained["metrics"]
+            if not any(row.name == "popularity" for row in rows):  # first, from the same split
                 popularity = {
                     name.removeprefix("popularity_"): value
-                    for name, value in trained.metrics.items()
+                    for name, value in metrics.items()
                     if name.startswith("popularity_")
                 }
-                rows.append(Row("popularity", popularity))
-            metrics = {
-                name: value
-                for name, value in trained.metrics.items()
-                if name.endswith(f"@{EVAL_K}") and not name.startswith("popularity_")
-            }
-            save_version(store, kind, "candidate", trained.save, trained.manifest_fields())
-            probe = _probe(store, kind, [str(u) for u in trained.data_info.user2id])
+                rows.insert(0, Row("popularity", popularity))
+            probe = _probe(Path(scratch), kind, trained["users"])
             row = Row(
                 kind,
-                metrics,
-                train_s=train_s,
+                {
+                    name: value
+                    for name, value in metrics.items()
+                    if name.endswith(f"@{EVAL_K}") and not name.startswith("popularity_")
+                },
+                train_s=round(metrics["fit_seconds"], 1),
                 serve_p50_ms=probe.get("p50_ms"),
                 worker_mib=probe.get("pss_mib"),
                 error=probe.get("error"),
@@ -129,6 +130,39 @@ def table(rows: Sequence[Row]) -> str:
 
 def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _train(scratch: Path, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Train and save one candidate in a child process: its metrics and some user ids, or
+    {"error": ...}."""
+    command = [sys.executable, "-m", "uro_recs.pipeline.compare", "train", str(scratch), kind]
+    done = subprocess.run(
+        command, input=json.dumps(options), capture_output=True, text=True, check=False
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode < 0:
+        signal_name = signal.Signals(-done.returncode).name
+        why = " (out of memory?)" if done.returncode == -signal.SIGKILL else ""
+        return {"error": f"training was killed by {signal_name}{why}"}
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _train_main(scratch: Path, kind: str) -> None:
+    from uro_recs.core.model_store import save_version
+    from uro_recs.pipeline.training import train_model
+
+    options = json.loads(sys.stdin.read())
+    try:
+        trained = train_model(pd.read_pickle(scratch / _DATA_FILE), kind, refit=False, **options)
+    except Exception as exc:  # the parent shows this line as the candidate's row
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    save_version(scratch, kind, "candidate", trained.save, trained.manifest_fields())
+    users = [str(user) for user in islice(trained.data_info.user2id, PROBE_USERS)]
+    print(json.dumps({"metrics": trained.metrics, "users": users}))
 
 
 def _probe(store: Path, model: str, users: list[str]) -> dict[str, Any]:
@@ -179,3 +213,5 @@ def _pss_mib() -> float | None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
     _probe_main(Path(sys.argv[2]), sys.argv[3])
+if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+    _train_main(Path(sys.argv[2]), sys.argv[3])

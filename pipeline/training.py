@@ -25,7 +25,7 @@ from typing import Any, Final
 import pandas as pd
 import structlog
 
-from uro_recs.core.families import Family, family
+from uro_recs.core.families import MAX_PAIR_SIDE, Family, family
 from uro_recs.core.model_store import (
     MODEL_FILE_STEM,
     POPULAR_ITEMS_MAX,
@@ -233,6 +233,7 @@ def train_model(
     prepared = prepare_interactions(
         df, item_features=item_features, positive_threshold=positive_threshold
     )
+    _check_size(chosen, prepared.frame)
     model_params = _model_params(chosen, params, epochs, embed_size)
     features = prepared.item_features if chosen.item_features else ()
     if test_fraction > 0:
@@ -329,6 +330,19 @@ def accepted_params(chosen: Family) -> list[str]:
     """The hyperparameters the family's libreco class takes, in its own order."""
     signature = inspect.signature(model_class(chosen).__init__)
     return [name for name in signature.parameters if name not in _NOT_PARAMS]
+
+
+def _check_size(chosen: Family, frame: pd.DataFrame) -> None:
+    if chosen.pairs_of is None:
+        return
+    count = frame[chosen.pairs_of].nunique()
+    if count > MAX_PAIR_SIDE:
+        instead = "item_cf" if chosen.pairs_of == "item" else "user_cf"
+        raise InvalidInput(
+            f"{chosen.kind} trains on at most {MAX_PAIR_SIDE:,} {chosen.pairs_of}s (its Rust"
+            f" similarity indexes pairs with 32-bit integers) and this data has {count:,}:"
+            f" use {instead} or an embedding model such as als"
+        )
 
 
 def _model_params(

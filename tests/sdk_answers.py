@@ -2,7 +2,7 @@
 
 FILE holds a msgpack array of requests, each a map with `op` (`recommend`, `predict` or
 `similar_items`), `model` and the op's arguments as the SDK names them (`user` or `users`,
-`n`, `filter_consumed`, `exclude`; `items`; `item`). Prints, as msgpack on stdout, one answer
+`n`, `filter_consumed`, `exclude`, `seq`; `items`; `item`). Prints, as msgpack on stdout, one answer
 per request: the result's fields as a map (a list of maps for `users`), or `{"error": code}`.
 The Elixir client's integration tests compare its answers with these.
 """
@@ -21,7 +21,7 @@ from uro_recs.sdk import Client, UroRecsError
 
 def answer(client: Client, request: dict[str, Any]) -> Any:
     op, model = request["op"], request["model"]
-    options = {k: request[k] for k in ("n", "filter_consumed", "exclude") if k in request}
+    options = {k: request[k] for k in ("n", "filter_consumed", "exclude", "seq") if k in request}
     try:
         if op == "recommend" and "users" in request:
             many = client.recommend_many(request["users"], model=model, **options)

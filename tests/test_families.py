@@ -4,6 +4,8 @@ in-process libreco model that was trained answers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,23 @@ def test_batches_do_not_change_answers(family_store: Any) -> None:
         together = engine.recommend(users, 50, True)
         alone = [engine.recommend([user], 50, True)[0] for user in users]
         assert together == alone, kind
+
+
+def test_numpy_served_families_load_without_tensorflow_torch_or_libreco(family_store: Any) -> None:
+    """The workers of every embedding family (trained by TF or torch) and of DeepFM import
+    none of the training libraries: one process loads them all and says what it imported."""
+    store, _ = family_store
+    kinds = [kind for kind in KINDS if FAMILIES[kind].engine in ("embedding", "deepfm")]
+    script = (
+        "import sys; from pathlib import Path; from uro_recs.worker.engine import load_engine\n"
+        f"for kind in {kinds!r}:\n"
+        f"    load_engine(Path({str(store)!r}), kind).warm_up()\n"
+        "print(sorted(m for m in ('tensorflow', 'torch', 'libreco', 'gensim') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"  # the lines before are log events
+    assert {"lightgcn", "svd", "item2vec", "deepfm"} <= set(kinds)
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,22 @@ def test_evaluate_prints_each_candidate_beside_popularity_with_the_gates_numbers
 
     unknown = run(*base, "--kinds", "als,word2vec")
     assert unknown.returncode == EXIT_USAGE and "unknown kind word2vec" in unknown.stderr
+
+
+def test_a_candidate_that_fails_is_a_row_said_as_it_fails_and_popularity_still_leads(
+    data: pd.DataFrame,
+) -> None:
+    """Each candidate trains in a process of its own: one that fails (here ALS refusing a
+    neighbourhood model's parameter) is a row with its one-line error; the rest go on."""
+    from uro_recs.pipeline.compare import compare
+
+    said: list[str] = []
+    rows = compare(
+        data, ["als", "item_cf"], say=said.append, params={"k_sim": 5}, test_fraction=0.2
+    )
+    assert [row.name for row in rows] == ["popularity", "als", "item_cf"]
+    assert rows[1].error is not None
+    assert rows[1].error.startswith("InvalidInput: als takes no parameter k_sim; it takes")
+    assert rows[0].metrics["recall@10"] > 0 and rows[2].metrics["recall@10"] > 0
+    assert rows[2].serve_p50_ms is not None and rows[2].error is None
+    assert any('"als"' in line and "takes no parameter k_sim" in line for line in said)

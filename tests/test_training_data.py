@@ -121,3 +121,19 @@ def everyone_users(data: pd.DataFrame) -> int:
     count = int(held["user"].nunique())
     assert count > 25
     return count
+
+
+@pytest.mark.parametrize(("kind", "side"), [("rs_item_cf", "item"), ("rs_user_cf", "user")])
+def test_a_rust_neighbourhood_model_refuses_more_pairs_than_it_can_index(
+    kind: str, side: str
+) -> None:
+    """recfarm fails past 46,340 items (or users) after minutes of work: refused up front."""
+    from uro_recs.core.families import MAX_PAIR_SIDE
+    from uro_recs.pipeline.training import train_model
+
+    count = MAX_PAIR_SIDE + 1
+    other = "user" if side == "item" else "item"
+    df = pd.DataFrame({side: range(count), other: [i % 50 for i in range(count)]})
+    df["label"], df["time"] = 1.0, range(count)
+    with pytest.raises(InvalidInput, match=f"{kind} trains on at most 46,340 {side}s .* 46,341"):
+        train_model(df, kind, test_fraction=0.0)

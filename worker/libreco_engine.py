@@ -114,13 +114,7 @@ class LibrecoEngine(Engine):
                 continue
             consumed = len(self._user_consumed.get(user_id, ()))
             # Decide as a single call with this query's own n would, and keep it that way.
-            filtered = self._filters(query, consumed)
-            room = sum(1 for item in query.exclude if item in self._item2id)
-            # libreco's embedding and TF models never list more than the unconsumed items;
-            # its neighbourhood models list what they find, Swing tops up with popular items.
-            limit = self.n_items - consumed if filtered and not self.always_filters else None
-
-            need = query.n + room if limit is None else min(query.n + room, limit)
+            filtered, need = self._sizing(query, consumed)
             by_filter[filtered].append(_Pending(index, query, need, consumed))
 
         for filtered, pending in by_filter.items():
@@ -180,15 +174,23 @@ class LibrecoEngine(Engine):
             return None
         user_id = self._user2id.get(query.user)
         consumed = 0 if user_id is None else len(self._user_consumed.get(user_id, ()))
-        filtered = self._filters(query, consumed)
-        room = sum(1 for item in query.exclude if item in self._item2id)
-        need = min(query.n + room, self.n_items - consumed if filtered else self.n_items)
+        filtered, need = self._sizing(query, consumed)
         with self._in_graph():
             ranked = self._model.recommend_user(
                 user=query.user, n_rec=need, seq=seq, filter_consumed=filtered, random_rec=False
             )
         items = [item for item in ranked[query.user].tolist() if item not in query.exclude]
         return Recommendation(items[: query.n], cold_start=False)
+
+    def _sizing(self, query: RecommendQuery, consumed: int) -> tuple[bool, int]:
+        """Whether libreco filters this query's consumed items, and the n_rec to ask for: n
+        plus room for the excluded items it knows, never more than it can list (embedding
+        and TF models list only unconsumed items; neighbourhood models list what they find,
+        Swing tops up with popular items)."""
+        filtered = self._filters(query, consumed)
+        room = sum(1 for item in query.exclude if item in self._item2id)
+        listable = self.n_items - consumed if filtered and not self.always_filters else self.n_items
+        return filtered, min(query.n + room, listable)
 
     def _crosses_the_line(self, filtered: bool, n_rec: int, pending: _Pending) -> bool:
         """Whether asking for n_rec would stop libreco filtering this user's consumed items."""

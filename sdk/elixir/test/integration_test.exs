@@ -9,8 +9,8 @@ defmodule UroRecs.IntegrationTest do
   @moduletag :integration
   @moduletag timeout: 300_000
 
-  @models %{"als" => "als", "spare" => "als", "deepfm" => "deepfm"}
-  @workers %{"als" => 2, "spare" => 1, "deepfm" => 1}
+  @models %{"als" => "als", "spare" => "als", "deepfm" => "deepfm", "rnn4rec" => "rnn4rec"}
+  @workers %{"als" => 2, "spare" => 1, "deepfm" => 1, "rnn4rec" => 1}
 
   setup_all do
     cluster = TestCluster.start(@models, @workers)
@@ -63,7 +63,16 @@ defmodule UroRecs.IntegrationTest do
             "user" => "user-21",
             "items" => ["item-1", "item-5", "item-nope"]
           },
-          %{"op" => "similar_items", "model" => "als", "item" => "item-3", "n" => 8}
+          %{"op" => "similar_items", "model" => "als", "item" => "item-3", "n" => 8},
+          # A sequence model, from the user's training items and from a sequence given.
+          %{"op" => "recommend", "model" => "rnn4rec", "user" => "user-14", "n" => 10},
+          %{
+            "op" => "recommend",
+            "model" => "rnn4rec",
+            "user" => "user-14",
+            "n" => 10,
+            "seq" => ["item-3", "item-17", "item-250"]
+          }
         ]
 
     python = TestCluster.python_answers(cluster, requests)
@@ -74,7 +83,8 @@ defmodule UroRecs.IntegrationTest do
           for {key, atom} <- [
                 {"n", :n},
                 {"filter_consumed", :filter_consumed},
-                {"exclude", :exclude}
+                {"exclude", :exclude},
+                {"seq", :seq}
               ],
               Map.has_key?(request, key),
               do: {atom, request[key]}
@@ -99,6 +109,10 @@ defmodule UroRecs.IntegrationTest do
     assert length(items) == 10
 
     assert {:ok, %Recommendation{cold_start: true}} = Enum.at(elixir, length(@known))
+
+    # ... and the sequence given changed the sequence model's answer.
+    [{:ok, from_training}, {:ok, from_seq}] = Enum.take(elixir, -2)
+    assert length(from_seq.items) == 10 and from_seq.items != from_training.items
   end
 
   test "1,000 concurrent callers are all answered", %{pool: pool} do
