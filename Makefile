@@ -64,7 +64,8 @@ test-elixir: install elixir-check
 elixir-check:
 	@command -v mix >/dev/null || { echo "mix not found: install Elixir (apt-get install -y elixir)" >&2; exit 1; }
 
-# The full benchmark (about 20 minutes on 2 cores); results in perf/results/.
+# The full benchmark (hours on 2 cores: 3 interleaved rounds of every system); results in
+# perf/results/.
 bench: install
 	$(BIN)/python -m perf.bench
 

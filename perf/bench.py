@@ -1,22 +1,26 @@
 """The benchmark: uro-recs against in-process libreco and a FastAPI service, in one run.
 
-    python -m perf.bench                 # both catalogues, ALS and DeepFM (about 20 minutes)
+    python -m perf.bench                 # both catalogues, ALS and DeepFM (hours: see README)
+    python -m perf.bench --catalogues demo --models als --repeats 3
     python -m perf.bench --smoke         # seconds: demo catalogue, ALS, short steps (CI)
 
 For each catalogue and model, on the same saved model version and the same request mix
 (random known users plus 5% unknown, n=10), with one BLAS/OpenMP/TF thread everywhere:
   - in-process: libreco's `recommend_user` called in this process, one call at a time;
-  - FastAPI: one uvicorn process holding the model, JSON over HTTP; and once more with the
-    libraries' default threads (one per core), which is what a FastAPI service runs with
-    unless someone sets them (not in --smoke);
+  - FastAPI: uvicorn with 1 and with 2 worker processes, each holding the model, an
+    `async def` handler calling libreco's `recommend_user` (perf/fastapi_app.py), JSON over
+    HTTP; with --default-threads once more with the libraries' default thread pools;
   - uro-recs with 1 and with 2 workers, through the broker over IPC.
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
 time; each step at least --step-s seconds and 1,000 requests); the result is the highest rate
 whose p99 stays at or under 10 ms with no errors (bisected three times at the edge), and
 the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
-saturated throughput, whatever the latency. perf/floor.py first measures what one and two
-ZeroMQ hops between idle Python processes cost on this machine. Writes a JSON file and a PNG
-chart (perf/chart.py; `python -m perf.chart <json> <png>` redraws it), prints a summary table.
+saturated throughput, whatever the latency. One sweep is not a number on a shared machine:
+the whole round (in-process, then every server in turn) runs --repeats times, interleaved,
+and the summary gives each figure's median with its range. perf/floor.py first measures
+what one and two ZeroMQ hops between idle Python processes cost on this machine. Writes a
+JSON file and a PNG chart (perf/chart.py; `python -m perf.chart <json> <png>` redraws it),
+prints a summary table with each system's ratio to the best FastAPI and to in-process.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -61,6 +68,8 @@ from uro_recs.sdk import Client  # noqa: E402
 from uro_recs.worker.engine import load_engine  # noqa: E402
 from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
 
+IN_PROCESS: Final = "in-process libreco"
+
 P99_BUDGET_MS = 10.0
 SATURATION_IN_FLIGHT = 64
 CATALOGUES: dict[str, dict[str, int]] = {
@@ -80,6 +89,7 @@ class Plan:
     min_samples: int  # requests per step at least, so that its p99 means something
     smoke: bool
     default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
+    repeats: int = 1  # rounds of every system, interleaved
 
 
 def prepare_store(root: Path, catalogue: str, models: list[str]) -> tuple[Path, pd.DataFrame]:
@@ -175,10 +185,15 @@ THREAD_VARIABLES = (
 
 
 @contextmanager
-def fastapi_server(store: Path, model: str, threads: int = 1) -> Iterator[int]:
+def fastapi_server(
+    store: Path, model: str, workers: int, threads: int = 1
+) -> Iterator[tuple[int, list[int]]]:
+    """A FastAPI baseline listening: (its port, the pids of the processes holding the model)."""
     port = free_port()
     env = {**os.environ, "URO_RECS_BENCH_STORE": str(store), "URO_RECS_BENCH_MODEL": model}
     env["URO_RECS_BENCH_THREADS"] = str(threads)
+    ready = Path(tempfile.mkdtemp(prefix="fastapi-ready-"))
+    env["URO_RECS_BENCH_READY_DIR"] = str(ready)
     if threads != 1:  # nothing pinned: the pools size themselves, as they do by default
         for name in THREAD_VARIABLES:
             env.pop(name, None)
@@ -186,21 +201,35 @@ def fastapi_server(store: Path, model: str, threads: int = 1) -> Iterator[int]:
     # The load generator keeps a pool of connections, idle for seconds at low rates: keep them
     # open as behind any pooling client (uvicorn closes them after 5 s by default).
     options = ["--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "3600"]
-    process = subprocess.Popen([*command, *options], env=env, stderr=subprocess.DEVNULL)
+    if workers > 1:
+        options += ["--workers", str(workers)]
+    # libreco prints a line for each unknown user: to nowhere, as a service would log it.
+    process = subprocess.Popen(
+        [*command, *options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the FastAPI baseline did not start") from None
-                time.sleep(0.2)
-        yield port
+        wait_listening(port, ready, process, workers)
+        yield port, [int(path.name) for path in ready.iterdir()]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+        shutil.rmtree(ready)
+
+
+def wait_listening(port: int, ready: Path, process: subprocess.Popen[bytes], workers: int) -> None:
+    """Until every uvicorn worker process has loaded the model (each leaves a file saying so)
+    and the port takes connections."""
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the FastAPI baseline did not start")
+        if len(list(ready.iterdir())) >= workers:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.2)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -250,85 +279,102 @@ def uro_recs_server(
 def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str, Any]:
     store, data = prepare_store(root, catalogue, [model])
     mix = RequestMix(known_users=sorted(set(data["user"])))
-    step = plan.step_s
     print(f"\n== {catalogue} catalogue, {model}")
     engine = load_engine(store, model, threads=1, fast_path=False)
     assert isinstance(engine, LibrecoEngine)
     libreco_model = engine.libreco_model
-    n = mix.n
-    with open(os.devnull, "w") as null, redirect_stdout(null):  # libreco prints unknown users
-        in_process = sequential(
-            lambda u: libreco_model.recommend_user(user=u, n_rec=n, cold_start="popular"),
-            mix,
-            max(step, 1.0),
-            "in-process libreco",
-        ).summary()
-    print_step(in_process)
-    # Start each sweep well below what one process manages in-process (slow models too).
-    first_rate = 200.0 if plan.smoke else max(10.0, round(in_process["achieved_rate"] / 20, -1))
-    systems: dict[str, list[dict[str, Any]]] = {}
-    memory: dict[str, list[dict[str, int]]] = {}
-    saturated: dict[str, dict[str, Any]] = {}  # closed loop: throughput whatever the latency
-    fastapi_runs = [("fastapi", 1)]
-    if plan.default_threads:
-        fastapi_runs.append(("fastapi default threads", os.cpu_count() or 1))
-    for name, threads in fastapi_runs:
-        with fastapi_server(store, model, threads) as port:
 
-            def http_at(
-                rate: float, seconds: float, port: int = port, name: str = name
-            ) -> RunResult:
-                return http_run(
-                    "127.0.0.1",
-                    port,
-                    mix,
-                    rate=rate,
-                    concurrency=64,
-                    duration_s=seconds,
-                    system=name,
-                )
-
-            systems[name] = sweep(http_at, plan, first_rate)
-            saturated[name] = http_run(
-                "127.0.0.1",
-                port,
+    def in_process() -> dict[str, Any]:
+        with open(os.devnull, "w") as null, redirect_stdout(null):  # libreco prints unknowns
+            summary = sequential(
+                lambda u: libreco_model.recommend_user(user=u, n_rec=mix.n, cold_start="popular"),
                 mix,
-                rate=0,
-                concurrency=SATURATION_IN_FLIGHT,
-                duration_s=step,
-                system=name,
+                max(plan.step_s, 1.0),
+                IN_PROCESS,
             ).summary()
-            print_step(saturated[name], f"{SATURATION_IN_FLIGHT} in flight")
-    for workers in (1, 2):
-        name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
-        with uro_recs_server(root, store, model, workers) as (endpoint, serve):
-            # One request at a time through the SDK, measured like the in-process baseline.
-            with Client(endpoint, model=model, timeout=5.0) as client:
-                unloaded = sequential(
-                    partial(client.recommend, n=n), mix, max(step, 1.0), name
-                ).summary()
-            print_step(unloaded, "one at a time through the SDK")
-            memory[name] = worker_memory(serve.pid)
+        print_step(summary)
+        return summary
 
-            def at_rate(
-                rate: float, seconds: float, endpoint: str = endpoint, name: str = name
-            ) -> RunResult:
-                return zmq_open_loop(endpoint, model, mix, rate, seconds, name)
+    servers: list[tuple[str, Callable[[float], dict[str, Any]]]] = [
+        ("fastapi", partial(fastapi_run, store, model, mix, plan, 1, 1)),
+        ("fastapi 2 workers", partial(fastapi_run, store, model, mix, plan, 2, 1)),
+    ]
+    if plan.default_threads:
+        threads = os.cpu_count() or 1
+        servers.append(
+            ("fastapi default threads", partial(fastapi_run, store, model, mix, plan, 1, threads))
+        )
+    servers += [
+        ("uro-recs 1 worker", partial(uro_recs_run, root, store, model, mix, plan, 1)),
+        ("uro-recs 2 workers", partial(uro_recs_run, root, store, model, mix, plan, 2)),
+    ]
+    in_process_runs: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
+    for round_ in range(plan.repeats):
+        print(f"  -- round {round_ + 1} of {plan.repeats}")
+        in_process_runs.append(in_process())
+        # Start each sweep well below what one process manages in-process (slow models too).
+        first = in_process_runs[0]["achieved_rate"]
+        first_rate = 200.0 if plan.smoke else max(10.0, round(first / 20, -1))
+        for name, run in servers:
+            outcome = run(first_rate)
+            runs[name].append({**outcome, "system": name, "max_rate": best_rate(outcome["steps"])})
+    return {"catalogue": catalogue, "model": model, "in_process": in_process_runs, "runs": runs}
 
-            systems[name] = sweep(at_rate, plan, first_rate)
-            systems[name].insert(0, {**unloaded, "unloaded": True})
-            saturated[name] = zmq_closed_loop(
-                endpoint, model, mix, SATURATION_IN_FLIGHT, step, name
+
+def fastapi_run(
+    store: Path,
+    model: str,
+    mix: RequestMix,
+    plan: Plan,
+    workers: int,
+    threads: int,
+    first_rate: float,
+) -> dict[str, Any]:
+    name = "fastapi" if threads == 1 else "fastapi default threads"
+    if workers > 1:
+        name += f" {workers} workers"
+    with fastapi_server(store, model, workers, threads) as (port, pids):
+
+        def at_rate(rate: float, seconds: float) -> RunResult:
+            return http_run(
+                "127.0.0.1", port, mix, rate=rate, concurrency=64, duration_s=seconds, system=name
+            )
+
+        steps = sweep(at_rate, plan, first_rate)
+        saturated = at_rate(0, plan.step_s).summary()
+        print_step(saturated, f"{SATURATION_IN_FLIGHT} in flight")
+        return {"steps": steps, "saturated": saturated, "memory_kib": [memory_kib(p) for p in pids]}
+
+
+def uro_recs_run(
+    root: Path,
+    store: Path,
+    model: str,
+    mix: RequestMix,
+    plan: Plan,
+    workers: int,
+    first_rate: float,
+) -> dict[str, Any]:
+    name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
+    with uro_recs_server(root, store, model, workers) as (endpoint, serve):
+        # One request at a time through the SDK, measured like the in-process baseline.
+        with Client(endpoint, model=model, timeout=5.0) as client:
+            unloaded = sequential(
+                partial(client.recommend, n=mix.n), mix, max(plan.step_s, 1.0), name
             ).summary()
-            print_step(saturated[name], f"{SATURATION_IN_FLIGHT} in flight")
-    return {
-        "catalogue": catalogue,
-        "model": model,
-        "in_process": in_process,
-        "systems": systems,
-        "worker_memory_kib": memory,
-        "saturated": saturated,
-    }
+        print_step(unloaded, "one at a time through the SDK")
+        memory = worker_memory(serve.pid)
+
+        def at_rate(rate: float, seconds: float) -> RunResult:
+            return zmq_open_loop(endpoint, model, mix, rate, seconds, name)
+
+        steps = [{**unloaded, "unloaded": True}, *sweep(at_rate, plan, first_rate)]
+        saturated = zmq_closed_loop(
+            endpoint, model, mix, SATURATION_IN_FLIGHT, plan.step_s, name
+        ).summary()
+        print_step(saturated, f"{SATURATION_IN_FLIGHT} in flight")
+        return {"steps": steps, "saturated": saturated, "memory_kib": memory}
 
 
 def within_budget(summary: dict[str, Any]) -> bool:
@@ -351,60 +397,103 @@ def best_rate(steps: list[dict[str, Any]]) -> float:
     return max(rates, default=0.0)
 
 
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    """Median and range of one figure over the rounds (None where no round has it)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return {"median": statistics.median(known), "min": min(known), "max": max(known)}
+
+
+def figures(run: dict[str, Any]) -> dict[str, float | None]:
+    """One round of one server: its max rate, p50 one at a time, p99 at half, saturated, PSS."""
+    steps = run["steps"]
+    unloaded = next((s for s in steps if s.get("unloaded")), None)
+    half = next((s for s in steps if s.get("half_of_best")), None)
+    return {
+        "max_rate": run["max_rate"],
+        "p50_unloaded_ms": unloaded["p50_ms"] if unloaded else None,
+        "p99_at_half_ms": half["p99_ms"] if half else None,
+        "saturated_rate": run["saturated"]["achieved_rate"],
+        "pss_mib": sum(m["pss_kib"] for m in run["memory_kib"]) / 1024,
+    }
+
+
+FIGURES = ("max_rate", "p50_unloaded_ms", "p99_at_half_ms", "saturated_rate", "pss_mib")
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per system: each figure's median and range over the rounds, and the max rate's
+    and saturated rate's ratios to the best FastAPI (by median) and to in-process."""
     rows = []
     for result in results:
-        base = result["in_process"]
-        rows.append(
+        base = [r["achieved_rate"] for r in result["in_process"]]
+        system_rows: list[dict[str, Any]] = [
             {
-                "catalogue": result["catalogue"],
-                "model": result["model"],
-                "system": "in-process libreco",
-                "max_rate": base["achieved_rate"],
-                "p50_unloaded_ms": base["p50_ms"],
+                "system": IN_PROCESS,
+                "max_rate": spread(base),
+                "p50_unloaded_ms": spread([r["p50_ms"] for r in result["in_process"]]),
                 "p99_at_half_ms": None,
-                "saturated_rate": base["achieved_rate"],
-                "workers_pss_mib": None,
+                "saturated_rate": spread(base),
+                "pss_mib": None,
             }
-        )
-        for system, steps in result["systems"].items():
-            unloaded = next((s for s in steps if s.get("unloaded")), None)
-            half = next((s for s in steps if s.get("half_of_best")), None)
-            saturated = result["saturated"].get(system)
-            rows.append(
-                {
-                    "catalogue": result["catalogue"],
-                    "model": result["model"],
-                    "system": system,
-                    "max_rate": best_rate(steps),
-                    "p50_unloaded_ms": unloaded["p50_ms"] if unloaded else None,
-                    "p99_at_half_ms": half["p99_ms"] if half else None,
-                    "saturated_rate": saturated["achieved_rate"] if saturated else None,
-                    "workers_pss_mib": round(
-                        sum(m["pss_kib"] for m in result["worker_memory_kib"].get(system, []))
-                        / 1024
-                    )
-                    if system in result["worker_memory_kib"]
-                    else None,
-                }
+        ]
+        for system, runs in result["runs"].items():
+            rounds = [figures(run) for run in runs]
+            system_rows.append(
+                {"system": system} | {k: spread([r[k] for r in rounds]) for k in FIGURES}
             )
+        fastapi = [r for r in system_rows if r["system"].startswith("fastapi")]
+        for row in system_rows:
+            for figure in ("max_rate", "saturated_rate"):
+                row[f"{figure}_vs_in_process"] = ratio(row[figure], system_rows[0][figure])
+                best = max((r[figure]["median"] for r in fastapi if r[figure]), default=0.0)
+                row[f"{figure}_vs_fastapi"] = ratio(row[figure], {"median": best})
+            rows.append({"catalogue": result["catalogue"], "model": result["model"], **row})
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> float | None:
+    if not a or not b or not b["median"]:
+        return None
+    return round(a["median"] / b["median"], 2)
+
+
+def print_table(rows: list[dict[str, Any]], repeats: int) -> None:
+    print(f"\nmedian [min-max] of {repeats} round(s); ratios of medians")
     print(
-        f"\n{'catalogue':<10}{'model':<8}{'system':<22}{'max rate/s (p99<=10ms)':>24}"
-        f"{'p50 unloaded ms':>17}{'p99 @ half ms':>15}{'saturated/s':>13}{'workers PSS MiB':>17}"
+        f"{'catalogue':<10}{'model':<8}{'system':<24}{'max rate/s p99<=10ms':>26}"
+        f"{'xFastAPI':>9}{'xin-proc':>9}{'p50 unloaded ms':>22}{'p99 @ half ms':>20}"
+        f"{'saturated/s':>22}{'xFastAPI':>9}{'PSS MiB':>9}"
     )
     for row in rows:
-        p50 = f"{row['p50_unloaded_ms']:.3f}" if row["p50_unloaded_ms"] is not None else "-"
-        half = f"{row['p99_at_half_ms']:.3f}" if row["p99_at_half_ms"] is not None else "-"
-        pss = str(row["workers_pss_mib"]) if row["workers_pss_mib"] is not None else "-"
-        saturated = f"{row['saturated_rate']:.0f}" if row["saturated_rate"] is not None else "-"
         print(
-            f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<22}"
-            f"{row['max_rate']:>24.0f}{p50:>17}{half:>15}{saturated:>13}{pss:>17}"
+            f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<24}"
+            f"{max_rate_shown(row['max_rate']):>26}{times(row['max_rate_vs_fastapi']):>9}"
+            f"{times(row['max_rate_vs_in_process']):>9}"
+            f"{shown(row['p50_unloaded_ms'], '.3f'):>22}{shown(row['p99_at_half_ms'], '.1f'):>20}"
+            f"{shown(row['saturated_rate'], '.0f'):>22}{times(row['saturated_rate_vs_fastapi']):>9}"
+            f"{shown(row['pss_mib'], '.0f', spread_too=False):>9}"
         )
+
+
+def shown(figure: dict[str, float] | None, spec: str, spread_too: bool = True) -> str:
+    if figure is None:
+        return "-"
+    median = format(figure["median"], spec)
+    if not spread_too or figure["min"] == figure["max"]:
+        return median
+    return f"{median} [{figure['min']:{spec}}-{figure['max']:{spec}}]"
+
+
+def max_rate_shown(figure: dict[str, float] | None) -> str:
+    if figure is not None and figure["max"] == 0:
+        return "none within budget"
+    return shown(figure, ".0f")
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main() -> int:
@@ -414,7 +503,12 @@ def main() -> int:
     parser.add_argument("--models", default="als,deepfm")
     parser.add_argument("--step-s", type=float, default=3.0)
     parser.add_argument(
-        "--no-default-threads", action="store_true", help="skip FastAPI with default threads"
+        "--repeats", type=int, default=3, help="rounds of every system, interleaved (default 3)"
+    )
+    parser.add_argument(
+        "--default-threads",
+        action="store_true",
+        help="also FastAPI with the libraries' default thread pools (one per core)",
     )
     parser.add_argument("--dir", type=Path, default=Path("var/bench"))
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
@@ -428,7 +522,8 @@ def main() -> int:
         bisect_steps=0 if args.smoke else 3,
         min_samples=0 if args.smoke else 1_000,
         smoke=args.smoke,
-        default_threads=not args.smoke and not args.no_default_threads,
+        default_threads=args.default_threads and not args.smoke,
+        repeats=1 if args.smoke else args.repeats,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -447,6 +542,8 @@ def main() -> int:
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op), except"
                 " 'fastapi default threads': one per core",
+                "layout": "results[].runs[system][round] ="
+                " {steps, saturated, memory_kib, max_rate}; results[].in_process[round]",
                 "p99_budget_ms": P99_BUDGET_MS,
                 "zmq_floor": zmq_floor,
                 "plan": plan.__dict__,
@@ -454,7 +551,7 @@ def main() -> int:
                 "results": results,
             }
             (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    print_table(summarize(results))
+    print_table(summarize(results), plan.repeats)
     print(
         "ZeroMQ floor, one request at a time: "
         + ", ".join(f"{row['system']} p50 {row['p50_ms']:.3f} ms" for row in zmq_floor)

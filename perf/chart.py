@@ -22,6 +22,7 @@ NAMES = {
     "deepfm": "DeepFM",
     IN_PROCESS: "in-process libreco (back to back)",
     "fastapi": "FastAPI",
+    "fastapi 2 workers": "FastAPI, 2 workers",
     "fastapi default threads": "FastAPI, default threads",
     "uro-recs 1 worker": "uro-recs, 1 worker",
     "uro-recs 2 workers": "uro-recs, 2 workers",
@@ -29,7 +30,8 @@ NAMES = {
 COLORS = {
     IN_PROCESS: "black",
     "fastapi": "C0",
-    "fastapi default threads": "C1",
+    "fastapi 2 workers": "C1",
+    "fastapi default threads": "C4",
     "uro-recs 1 worker": "C2",
     "uro-recs 2 workers": "C3",
 }
@@ -68,14 +70,14 @@ def chart(report: dict[str, Any], path: Path) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    results, budget = report["results"], report["p99_budget_ms"]
-    max_rates = {
-        (r["catalogue"], r["model"], r["system"]): r["max_rate"] for r in report["summary"]
-    }
+    results, budget = (
+        [rounds(r, report["summary"]) for r in report["results"]],
+        report["p99_budget_ms"],
+    )
     catalogues = list(dict.fromkeys(r["catalogue"] for r in results))
     models = list(dict.fromkeys(r["model"] for r in results))
-    others = dict.fromkeys(s for r in results for s in r["systems"] if s not in COLORS)
-    colors = {**{s: f"C{i + 4}" for i, s in enumerate(others)}, **COLORS}
+    others = dict.fromkeys(s for r in results for s in r["runs"] if s not in COLORS)
+    colors = {**{s: f"C{i + 5}" for i, s in enumerate(others)}, **COLORS}
     with plt.rc_context({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 12}):
         fig, axes = plt.subplots(
             len(catalogues),
@@ -88,12 +90,15 @@ def chart(report: dict[str, Any], path: Path) -> None:
         panels = []  # what the max-rate labels need, placed once the figure is laid out
         for result in results:
             ax = axes[catalogues.index(result["catalogue"])][models.index(result["model"])]
-            base = result["in_process"]
+            base = median_round(result["in_process"], "achieved_rate")
             curves = {IN_PROCESS: [(base["achieved_rate"], base["p99_ms"])]}
-            for system, steps in result["systems"].items():  # rate 0: one at a time, no sweep
-                curves[system] = sorted(
-                    (s["offered_rate"], s["p99_ms"]) for s in steps if s["offered_rate"]
-                )
+            best_of = {IN_PROCESS: base["achieved_rate"]}
+            for system, runs in result["runs"].items():
+                for run in runs:  # the rounds other than the median one: faint, unlabelled
+                    if run is not median_round(runs, "max_rate"):
+                        ax.plot(*zip(*swept(run), strict=True), color=colors[system], alpha=0.3)
+                median = median_round(runs, "max_rate")
+                curves[system], best_of[system] = swept(median), median["max_rate"]
             marks = []
             for system, points in curves.items():
                 star = system == IN_PROCESS
@@ -104,7 +109,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
                     markersize=15 if star else 5,
                     label=NAMES.get(system, system),
                 )
-                best = max_rates.get((result["catalogue"], result["model"], system))
+                best = best_of[system]
                 y = next((p99 for rate, p99 in points if rate == best), None)
                 if best == 0:  # over budget at every rate tried: "< the lowest"
                     marks.append((system, *points[0], f"< {points[0][0]:,.0f}/s"))
@@ -187,6 +192,36 @@ def chart(report: dict[str, Any], path: Path) -> None:
                 boxes.append(box)
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def swept(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """(offered rate, p99) of a round's sweep; rate 0 is one at a time, not a sweep step."""
+    return sorted((s["offered_rate"], s["p99_ms"]) for s in run["steps"] if s["offered_rate"])
+
+
+def median_round(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose `key` is the median (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2]
+
+
+def rounds(result: dict[str, Any], summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """A result in the layout of repeated rounds; a single-sweep one (JSON from before
+    --repeats) becomes one round of each system."""
+    if "runs" in result:
+        return result
+    max_rates = {
+        r["system"]: r["max_rate"]
+        for r in summary
+        if (r["catalogue"], r["model"]) == (result["catalogue"], result["model"])
+    }
+    return {
+        **result,
+        "in_process": [result["in_process"]],
+        "runs": {
+            system: [{"steps": steps, "max_rate": max_rates[system]}]
+            for system, steps in result["systems"].items()
+        },
+    }
 
 
 def main() -> int:

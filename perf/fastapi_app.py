@@ -1,13 +1,15 @@
 """The baseline a Python team would build first: FastAPI on uvicorn, libreco in the process.
 
     URO_RECS_BENCH_STORE=var/bench/demo/store URO_RECS_BENCH_MODEL=als \
-        python -m uvicorn perf.fastapi_app:app --port 8900
+        python -m uvicorn perf.fastapi_app:app --port 8900 [--workers 2]
 
-It serves the same saved model version as the sidecar, JSON in and out, and answers with
-libreco's own `recommend_user` (through the libreco engine, which adds the deterministic
-popular fallback for unknown users and nothing else). URO_RECS_BENCH_THREADS sets the BLAS,
-OpenMP, torch and TF thread pools (default 1); the benchmark also runs it with one thread per
-core, what the libraries pick when nobody sets them.
+Written as FastAPI's users write a model endpoint: an `async def` handler (no thread-pool hop)
+that calls LibRecommender's `recommend_user` on the model loaded at start, nothing in between.
+It serves the same saved model version as the sidecar; loading goes through the store's
+loader only so that TensorFlow's session gets the same thread settings. With `--workers N`
+uvicorn runs N processes, each holding the model (each touches a file named by its pid in
+URO_RECS_BENCH_READY_DIR, if set, once loaded). URO_RECS_BENCH_THREADS sets the BLAS,
+OpenMP, torch and TF thread pools (default 1).
 """
 
 from __future__ import annotations
@@ -18,14 +20,19 @@ from pathlib import Path
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from uro_recs.worker.engine import load_engine
+from uro_recs.core.model_store import current_version, verify, version_dir
+from uro_recs.worker.libreco_engine import load_libreco_model
 
-engine = load_engine(
-    Path(os.environ["URO_RECS_BENCH_STORE"]),
-    os.environ["URO_RECS_BENCH_MODEL"],
+store = Path(os.environ["URO_RECS_BENCH_STORE"])
+name = os.environ["URO_RECS_BENCH_MODEL"]
+directory = version_dir(store, name, current_version(store, name))
+model, _, _ = load_libreco_model(
+    directory,
+    verify(directory).libreco_class,
     threads=int(os.environ.get("URO_RECS_BENCH_THREADS", "1")),
-    fast_path=False,
 )
+if "URO_RECS_BENCH_READY_DIR" in os.environ:  # the benchmark waits for every worker's file
+    (Path(os.environ["URO_RECS_BENCH_READY_DIR"]) / str(os.getpid())).touch()
 app = FastAPI()
 
 
@@ -35,6 +42,6 @@ class RecommendRequest(BaseModel):
 
 
 @app.post("/recommend")
-def recommend(request: RecommendRequest) -> dict[str, object]:
-    answer = engine.recommend([request.user], request.n, filter_consumed=True)[0]
-    return {"user": request.user, "items": answer.items, "cold_start": answer.cold_start}
+async def recommend(request: RecommendRequest) -> dict[str, object]:
+    ranked = model.recommend_user(user=request.user, n_rec=request.n, cold_start="popular")
+    return {"user": request.user, "items": ranked[request.user].tolist()}

@@ -63,3 +63,49 @@ def test_a_server_over_budget_at_every_rate_tried_scores_zero() -> None:
     steps = sweep(run_at, PLAN, 100.0)
     assert best_rate(steps) == 0.0
     assert min(offered) >= 50.0  # it stops at half the first rate
+
+
+def test_the_summary_gives_medians_and_ranges_of_the_rounds_and_ratios_to_the_best_fastapi() -> (
+    None
+):
+    from perf.bench import summarize
+
+    def run(rates: dict[float, float], saturated: float, pss_kib: int) -> dict[str, object]:
+        steps = [
+            {"offered_rate": r, "p99_ms": p99, "errors": {}, "unanswered": 0}
+            for r, p99 in rates.items()
+        ]
+        best = max((r for r, p99 in rates.items() if p99 <= 10), default=0.0)
+        return {
+            "steps": steps,
+            "saturated": {"achieved_rate": saturated},
+            "memory_kib": [{"pss_kib": pss_kib}],
+            "max_rate": best,
+        }
+
+    result = {
+        "catalogue": "demo",
+        "model": "als",
+        "in_process": [{"achieved_rate": a, "p50_ms": 0.1} for a in (4000.0, 5000.0, 6000.0)],
+        "runs": {
+            "fastapi": [run({500.0: 5, 800.0: 20}, 900, 1024) for _ in range(3)],
+            "fastapi 2 workers": [
+                run({1000.0: 5}, 1500, 2048),
+                run({900.0: 5}, 1400, 2048),
+                run({1200.0: 5}, 1600, 2048),
+            ],
+            "uro-recs 1 worker": [
+                run({3000.0: 5}, 9000, 512),
+                run({4500.0: 5}, 8000, 512),
+                run({6000.0: 5, 9000.0: 30}, 10_000, 512),
+            ],
+        },
+    }
+    rows = {row["system"]: row for row in summarize([result])}
+    uro = rows["uro-recs 1 worker"]
+    assert uro["max_rate"] == {"median": 4500.0, "min": 3000.0, "max": 6000.0}
+    assert uro["max_rate_vs_fastapi"] == 4.5  # against 2 workers' median 1,000, the better
+    assert uro["max_rate_vs_in_process"] == 0.9
+    assert uro["saturated_rate_vs_fastapi"] == 6.0
+    assert rows["fastapi"]["max_rate"] == {"median": 500.0, "min": 500.0, "max": 500.0}
+    assert rows["fastapi 2 workers"]["pss_mib"] == {"median": 2.0, "min": 2.0, "max": 2.0}
