@@ -17,8 +17,10 @@ whose p99 stays at or under 10 ms with no errors (bisected three times at the ed
 the p99 at half that rate; then a closed-loop run with 64 requests in flight gives the
 saturated throughput, whatever the latency. One sweep is not a number on a shared machine:
 the whole round (in-process, then every server in turn) runs --repeats times, interleaved,
-and the summary gives each figure's median with its range. perf/floor.py first measures
-what one and two ZeroMQ hops between idle Python processes cost on this machine. Writes a
+and the summary gives each figure's median with its range. CPU per answered request (the
+whole server's process tree, from /proc) is measured at 2,000/s and at each server's edge,
+against in-process's own CPU time per call. Each round starts with perf/floor.py: what one
+and two ZeroMQ hops between idle Python processes cost on this machine at that moment. Writes a
 JSON file and a PNG chart (perf/chart.py; `python -m perf.chart <json> <png>` redraws it),
 prints a summary table with each system's ratio to the best FastAPI and to in-process.
 """
@@ -90,6 +92,7 @@ class Plan:
     smoke: bool
     default_threads: bool  # also sweep FastAPI with the libraries' default thread pools
     repeats: int = 1  # rounds of every system, interleaved
+    cpu_rate: float = 2000.0  # requests/s at which CPU per request is compared
 
 
 def prepare_store(root: Path, catalogue: str, models: list[str]) -> tuple[Path, pd.DataFrame]:
@@ -187,8 +190,9 @@ THREAD_VARIABLES = (
 @contextmanager
 def fastapi_server(
     store: Path, model: str, workers: int, threads: int = 1
-) -> Iterator[tuple[int, list[int]]]:
-    """A FastAPI baseline listening: (its port, the pids of the processes holding the model)."""
+) -> Iterator[tuple[int, int, list[int]]]:
+    """A FastAPI baseline listening: its port, its pid, the pids of the processes holding the
+    model."""
     port = free_port()
     env = {**os.environ, "URO_RECS_BENCH_STORE": str(store), "URO_RECS_BENCH_MODEL": model}
     env["URO_RECS_BENCH_THREADS"] = str(threads)
@@ -209,7 +213,7 @@ def fastapi_server(
     )
     try:
         wait_listening(port, ready, process, workers)
-        yield port, [int(path.name) for path in ready.iterdir()]
+        yield port, process.pid, [int(path.name) for path in ready.iterdir()]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
@@ -285,6 +289,7 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
     libreco_model = engine.libreco_model
 
     def in_process() -> dict[str, Any]:
+        cpu_before = time.process_time()
         with open(os.devnull, "w") as null, redirect_stdout(null):  # libreco prints unknowns
             summary = sequential(
                 lambda u: libreco_model.recommend_user(user=u, n_rec=mix.n, cold_start="popular"),
@@ -292,6 +297,7 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
                 max(plan.step_s, 1.0),
                 IN_PROCESS,
             ).summary()
+        summary["cpu_ms_per_request"] = per_request(time.process_time() - cpu_before, summary)
         print_step(summary)
         return summary
 
@@ -309,9 +315,15 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
         ("uro-recs 2 workers", partial(uro_recs_run, root, store, model, mix, plan, 2)),
     ]
     in_process_runs: list[dict[str, Any]] = []
+    floors: list[list[dict[str, Any]]] = []
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
     for round_ in range(plan.repeats):
         print(f"  -- round {round_ + 1} of {plan.repeats}")
+        # What two process hops cost here before any work, this round: the bar under the
+        # overhead target (it moves with the machine's load like everything else).
+        floors.append(floor.measure(max(plan.step_s, 1.0)))
+        for row in floors[-1]:
+            print_step(row, "ZeroMQ floor, no work done")
         in_process_runs.append(in_process())
         # Start each sweep well below what one process manages in-process (slow models too).
         first = in_process_runs[0]["achieved_rate"]
@@ -319,7 +331,13 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
         for name, run in servers:
             outcome = run(first_rate)
             runs[name].append({**outcome, "system": name, "max_rate": best_rate(outcome["steps"])})
-    return {"catalogue": catalogue, "model": model, "in_process": in_process_runs, "runs": runs}
+    return {
+        "catalogue": catalogue,
+        "model": model,
+        "zmq_floor": floors,
+        "in_process": in_process_runs,
+        "runs": runs,
+    }
 
 
 def fastapi_run(
@@ -334,7 +352,7 @@ def fastapi_run(
     name = "fastapi" if threads == 1 else "fastapi default threads"
     if workers > 1:
         name += f" {workers} workers"
-    with fastapi_server(store, model, workers, threads) as (port, pids):
+    with fastapi_server(store, model, workers, threads) as (port, server, pids):
 
         def at_rate(rate: float, seconds: float) -> RunResult:
             return http_run(
@@ -342,9 +360,11 @@ def fastapi_run(
             )
 
         steps = sweep(at_rate, plan, first_rate)
+        cpu = cpu_steps(at_rate, server, plan, best_rate(steps))
         saturated = at_rate(0, plan.step_s).summary()
         print_step(saturated, f"{SATURATION_IN_FLIGHT} in flight")
-        return {"steps": steps, "saturated": saturated, "memory_kib": [memory_kib(p) for p in pids]}
+        memory = [memory_kib(p) for p in pids]
+        return {"steps": steps, "cpu": cpu, "saturated": saturated, "memory_kib": memory}
 
 
 def uro_recs_run(
@@ -370,11 +390,56 @@ def uro_recs_run(
             return zmq_open_loop(endpoint, model, mix, rate, seconds, name)
 
         steps = [{**unloaded, "unloaded": True}, *sweep(at_rate, plan, first_rate)]
+        cpu = cpu_steps(at_rate, serve.pid, plan, best_rate(steps))
         saturated = zmq_closed_loop(
             endpoint, model, mix, SATURATION_IN_FLIGHT, plan.step_s, name
         ).summary()
         print_step(saturated, f"{SATURATION_IN_FLIGHT} in flight")
-        return {"steps": steps, "saturated": saturated, "memory_kib": memory}
+        return {"steps": steps, "cpu": cpu, "saturated": saturated, "memory_kib": memory}
+
+
+def cpu_steps(
+    at_rate: Callable[[float, float], RunResult], root: int, plan: Plan, edge: float
+) -> list[dict[str, Any]]:
+    """CPU per answered request of the whole server (every process under `root`: broker and
+    workers, or uvicorn and its workers), at CPU_RATE and at the server's own edge."""
+    steps = []
+    for rate, where in ((plan.cpu_rate, "fixed"), (edge, "edge")):
+        if not rate:
+            continue
+        before, loadgen_before = tree_cpu_seconds(root), time.process_time()
+        summary = at_rate(rate, plan.step_s).summary()
+        summary["cpu_ms_per_request"] = per_request(tree_cpu_seconds(root) - before, summary)
+        # The load generator shares the machine's cores: what it costs per request too.
+        loadgen = time.process_time() - loadgen_before
+        summary["loadgen_cpu_ms_per_request"] = per_request(loadgen, summary)
+        summary["cpu_at"] = where
+        print_step(
+            summary,
+            f"CPU per request: server {summary['cpu_ms_per_request'] or 0:.3f} ms,"
+            f" load generator {summary['loadgen_cpu_ms_per_request'] or 0:.3f} ms",
+        )
+        steps.append(summary)
+    return steps
+
+
+def per_request(cpu_seconds: float, summary: dict[str, Any]) -> float | None:
+    return round(1000 * cpu_seconds / summary["ok"], 4) if summary["ok"] else None
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of `root` and every process under it (Linux /proc)."""
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue  # gone meanwhile
+    return total
 
 
 def within_budget(summary: dict[str, Any]) -> bool:
@@ -416,15 +481,30 @@ def figures(run: dict[str, Any]) -> dict[str, float | None]:
         "p99_at_half_ms": half["p99_ms"] if half else None,
         "saturated_rate": run["saturated"]["achieved_rate"],
         "pss_mib": sum(m["pss_kib"] for m in run["memory_kib"]) / 1024,
+        "cpu_ms_fixed": cpu_at(run, "fixed"),
+        "cpu_ms_edge": cpu_at(run, "edge"),
     }
 
 
-FIGURES = ("max_rate", "p50_unloaded_ms", "p99_at_half_ms", "saturated_rate", "pss_mib")
+def cpu_at(run: dict[str, Any], where: str) -> float | None:
+    return next((s["cpu_ms_per_request"] for s in run.get("cpu", []) if s["cpu_at"] == where), None)
+
+
+FIGURES = (
+    "max_rate",
+    "p50_unloaded_ms",
+    "p99_at_half_ms",
+    "saturated_rate",
+    "pss_mib",
+    "cpu_ms_fixed",
+    "cpu_ms_edge",
+)
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A row per system: each figure's median and range over the rounds, and the max rate's
-    and saturated rate's ratios to the best FastAPI (by median) and to in-process."""
+    and saturated rate's ratios to the best FastAPI (by median) and to in-process, and the
+    CPU per request's ratio to in-process."""
     rows = []
     for result in results:
         base = [r["achieved_rate"] for r in result["in_process"]]
@@ -436,6 +516,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99_at_half_ms": None,
                 "saturated_rate": spread(base),
                 "pss_mib": None,
+                # one call at a time on one core: its CPU per request, whatever the rate
+                "cpu_ms_fixed": spread([r.get("cpu_ms_per_request") for r in result["in_process"]]),
+                "cpu_ms_edge": spread([r.get("cpu_ms_per_request") for r in result["in_process"]]),
             }
         ]
         for system, runs in result["runs"].items():
@@ -449,6 +532,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"{figure}_vs_in_process"] = ratio(row[figure], system_rows[0][figure])
                 best = max((r[figure]["median"] for r in fastapi if r[figure]), default=0.0)
                 row[f"{figure}_vs_fastapi"] = ratio(row[figure], {"median": best})
+            for figure in ("cpu_ms_fixed", "cpu_ms_edge"):
+                row[f"{figure}_vs_in_process"] = ratio(row[figure], system_rows[0][figure])
             rows.append({"catalogue": result["catalogue"], "model": result["model"], **row})
     return rows
 
@@ -459,12 +544,13 @@ def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> float | Non
     return round(a["median"] / b["median"], 2)
 
 
-def print_table(rows: list[dict[str, Any]], repeats: int) -> None:
+def print_table(rows: list[dict[str, Any]], repeats: int, cpu_rate: float) -> None:
     print(f"\nmedian [min-max] of {repeats} round(s); ratios of medians")
     print(
         f"{'catalogue':<10}{'model':<8}{'system':<24}{'max rate/s p99<=10ms':>26}"
         f"{'xFastAPI':>9}{'xin-proc':>9}{'p50 unloaded ms':>22}{'p99 @ half ms':>20}"
         f"{'saturated/s':>22}{'xFastAPI':>9}{'PSS MiB':>9}"
+        f"{f'CPU ms/req @{cpu_rate:.0f}/s':>24}{'xin-proc':>9}{'CPU ms/req @edge':>24}"
     )
     for row in rows:
         print(
@@ -474,6 +560,8 @@ def print_table(rows: list[dict[str, Any]], repeats: int) -> None:
             f"{shown(row['p50_unloaded_ms'], '.3f'):>22}{shown(row['p99_at_half_ms'], '.1f'):>20}"
             f"{shown(row['saturated_rate'], '.0f'):>22}{times(row['saturated_rate_vs_fastapi']):>9}"
             f"{shown(row['pss_mib'], '.0f', spread_too=False):>9}"
+            f"{shown(row['cpu_ms_fixed'], '.3f'):>24}{times(row['cpu_ms_fixed_vs_in_process']):>9}"
+            f"{shown(row['cpu_ms_edge'], '.3f'):>24}"
         )
 
 
@@ -524,14 +612,11 @@ def main() -> int:
         smoke=args.smoke,
         default_threads=args.default_threads and not args.smoke,
         repeats=1 if args.smoke else args.repeats,
+        cpu_rate=200.0 if args.smoke else 2000.0,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = "smoke" if args.smoke else f"bench-{stamp}"
-    # What two process hops cost here before any work: the bar under the overhead target.
-    zmq_floor = floor.measure(max(plan.step_s, 1.0))
-    for row in zmq_floor:
-        print_step(row, "ZeroMQ floor, no work done")
     results: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
     for catalogue in plan.catalogues:
@@ -543,19 +628,25 @@ def main() -> int:
                 "threads": "1 everywhere (OMP/OpenBLAS/MKL/TF intra+inter op), except"
                 " 'fastapi default threads': one per core",
                 "layout": "results[].runs[system][round] ="
-                " {steps, saturated, memory_kib, max_rate}; results[].in_process[round]",
+                " {steps, cpu, saturated, memory_kib, max_rate}; results[].in_process[round];"
+                " results[].zmq_floor[round]",
                 "p99_budget_ms": P99_BUDGET_MS,
-                "zmq_floor": zmq_floor,
                 "plan": plan.__dict__,
                 "summary": summarize(results),
                 "results": results,
             }
             (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    print_table(summarize(results), plan.repeats)
-    print(
-        "ZeroMQ floor, one request at a time: "
-        + ", ".join(f"{row['system']} p50 {row['p50_ms']:.3f} ms" for row in zmq_floor)
-    )
+    print_table(summarize(results), plan.repeats, plan.cpu_rate)
+    for result in results:
+        floors = [row for rows in result["zmq_floor"] for row in rows]
+        p50s = {
+            row["system"]: spread([r["p50_ms"] for r in floors if r["system"] == row["system"]])
+            for row in floors
+        }
+        print(
+            f"ZeroMQ floor during {result['catalogue']} {result['model']}, one request at a time: "
+            + ", ".join(f"{system} p50 {shown(p50, '.3f')} ms" for system, p50 in p50s.items())
+        )
     chart(report, args.out / f"{name}.png")
     print(f"\nwrote {args.out / name}.json and .png")
     return 0
