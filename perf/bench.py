@@ -301,7 +301,8 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
         print_step(summary)
         return summary
 
-    servers: list[tuple[str, Callable[[float], dict[str, Any]]]] = [
+    # Each runner takes (its name, the sweep's first rate).
+    servers: list[tuple[str, Callable[[str, float], dict[str, Any]]]] = [
         ("fastapi", partial(fastapi_run, store, model, mix, plan, 1, 1)),
         ("fastapi 2 workers", partial(fastapi_run, store, model, mix, plan, 2, 1)),
     ]
@@ -329,7 +330,7 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
         first = in_process_runs[0]["achieved_rate"]
         first_rate = 200.0 if plan.smoke else max(10.0, round(first / 20, -1))
         for name, run in servers:
-            outcome = run(first_rate)
+            outcome = run(name, first_rate)
             runs[name].append({**outcome, "system": name, "max_rate": best_rate(outcome["steps"])})
     return {
         "catalogue": catalogue,
@@ -347,11 +348,9 @@ def fastapi_run(
     plan: Plan,
     workers: int,
     threads: int,
+    name: str,
     first_rate: float,
 ) -> dict[str, Any]:
-    name = "fastapi" if threads == 1 else "fastapi default threads"
-    if workers > 1:
-        name += f" {workers} workers"
     with fastapi_server(store, model, workers, threads) as (port, server, pids):
 
         def at_rate(rate: float, seconds: float) -> RunResult:
@@ -374,9 +373,9 @@ def uro_recs_run(
     mix: RequestMix,
     plan: Plan,
     workers: int,
+    name: str,
     first_rate: float,
 ) -> dict[str, Any]:
-    name = f"uro-recs {workers} worker{'s' if workers > 1 else ''}"
     with uro_recs_server(root, store, model, workers) as (endpoint, serve):
         # One request at a time through the SDK, measured like the in-process baseline.
         with Client(endpoint, model=model, timeout=5.0) as client:
@@ -402,7 +401,7 @@ def cpu_steps(
     at_rate: Callable[[float, float], RunResult], root: int, plan: Plan, edge: float
 ) -> list[dict[str, Any]]:
     """CPU per answered request of the whole server (every process under `root`: broker and
-    workers, or uvicorn and its workers), at CPU_RATE and at the server's own edge."""
+    workers, or uvicorn and its workers), at plan.cpu_rate and at the server's own edge."""
     steps = []
     for rate, where in ((plan.cpu_rate, "fixed"), (edge, "edge")):
         if not rate:
@@ -427,18 +426,29 @@ def per_request(cpu_seconds: float, summary: dict[str, Any]) -> float | None:
     return round(1000 * cpu_seconds / summary["ok"], 4) if summary["ok"] else None
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU time of `root` and every process under it (Linux /proc)."""
-    total, pending = 0.0, [root]
+def process_tree(root: int) -> list[int]:
+    """`root` and every process under it that is still there (Linux /proc)."""
+    found, pending = [], [root]
     while pending:
         pid = pending.pop()
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             for task in Path(f"/proc/{pid}/task").iterdir():
                 pending += [int(child) for child in (task / "children").read_text().split()]
         except OSError:
             continue  # gone meanwhile
+        found.append(pid)
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of `root` and every process under it."""
+    total = 0.0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -508,6 +518,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         base = [r["achieved_rate"] for r in result["in_process"]]
+        in_process_cpu = spread([r.get("cpu_ms_per_request") for r in result["in_process"]])
         system_rows: list[dict[str, Any]] = [
             {
                 "system": IN_PROCESS,
@@ -517,8 +528,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "saturated_rate": spread(base),
                 "pss_mib": None,
                 # one call at a time on one core: its CPU per request, whatever the rate
-                "cpu_ms_fixed": spread([r.get("cpu_ms_per_request") for r in result["in_process"]]),
-                "cpu_ms_edge": spread([r.get("cpu_ms_per_request") for r in result["in_process"]]),
+                "cpu_ms_fixed": in_process_cpu,
+                "cpu_ms_edge": in_process_cpu,
             }
         ]
         for system, runs in result["runs"].items():

@@ -17,21 +17,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from perf.bench import CATALOGUES, fastapi_server, prepare_store, uro_recs_server
+from perf.bench import CATALOGUES, fastapi_server, prepare_store, process_tree, uro_recs_server
 from perf.loadgen import RequestMix, RunResult, http_run, zmq_open_loop
 
 
 def context_switches(root: int) -> int:
     """Context switches so far of every thread of `root` and of the processes under it."""
-    total, pending = 0, [root]
-    while pending:
-        pid = pending.pop()
+    total = 0
+    for pid in process_tree(root):
         try:
             for task in Path(f"/proc/{pid}/task").iterdir():
                 for line in (task / "status").read_text().splitlines():
                     if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                         total += int(line.split()[1])
-                pending += [int(child) for child in (task / "children").read_text().split()]
         except OSError:
             continue  # gone meanwhile
     return total
