@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 import zmq
@@ -44,11 +44,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("uro_recs.broker")
 
 RECV_BATCH = 256  # messages read from one socket before looking at the others
+# Messages handled between two sends of what they caused: what is dispatched to one worker in
+# between leaves as one packed REQUEST (PROTOCOL.md section 7); more would delay replies.
+SEND_EVERY = 32
 # Replies this large are tracked until libzmq has written them; smaller ones are bounded by
 # send_hwm (messages per connection) alone.
 TRACKED_REPLY_BYTES = 4 * 1024
 # Plain ints: pyzmq's flag enums cost a Python-level __or__ per frame on the hot path.
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Broker:
@@ -207,11 +211,11 @@ class Broker:
     def _read(self, sock: zmq.Socket[bytes], frontend: int, turn_ends: float) -> None:
         """Up to RECV_BATCH messages, and no longer than this turn allows."""
         core = self.core
-        for _ in range(RECV_BATCH):
-            try:
-                frames = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
+        for count in range(1, RECV_BATCH + 1):
+            # Asking first costs less than the zmq.Again a read of an empty socket raises.
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 break
+            frames = sock.recv_multipart(_NOBLOCK)
             now = time.monotonic()
             try:
                 if frontend < 0:
@@ -221,9 +225,11 @@ class Broker:
             except Exception:  # a bug must cost one message, never every caller's
                 core.counters["messages_failed"] += 1
                 log.exception("message_failed", frontend=frontend, frames=len(frames))
-            self._carry_out()
+            if count % SEND_EVERY == 0:
+                self._carry_out()
             if now >= turn_ends:
                 break
+        self._carry_out()
 
     # --- carrying out the core's actions ---------------------------------------------------
 

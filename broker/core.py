@@ -121,6 +121,7 @@ class WorkerRecord:
     in_flight: dict[int, Pending] = field(default_factory=dict)
     heavy: int = 0  # heavy requests among in_flight
     draining: bool = False
+    batch: int = 1  # requests one REQUEST message may carry to it (PROTOCOL.md 7, "Packing")
 
     @property
     def free(self) -> int:
@@ -182,6 +183,9 @@ class BrokerCore:
         self._now = now  # the time of the event being handled
         self.live = 0  # queued and in-flight requests
         self._actions: list[Action] = []
+        # REQUEST (header, body) pairs dispatched this turn, per worker, not yet sent: packed
+        # into one message when the shell takes the actions (or a pack is full).
+        self._packs: dict[bytes, list[bytes]] = {}
         self._seq = itertools.count(1)
         self._tiebreak = itertools.count()
         self._expiries: list[tuple[float, int, Pending]] = []
@@ -193,6 +197,9 @@ class BrokerCore:
     # --- the shell's side ---------------------------------------------------------------------
 
     def take_actions(self) -> list[Action]:
+        if self._packs:
+            for identity in list(self._packs):
+                self._send_pack(identity)
         actions = self._actions
         if actions:
             self._actions = []
@@ -487,7 +494,15 @@ class BrokerCore:
             worker.heavy += 1
         # Workers share this host's CLOCK_MONOTONIC, so the deadline travels as an instant.
         header = protocol.worker_header(protocol.REQUEST, seq, int(pending.deadline * 1_000_000))
-        self._actions.append(ToWorker(worker.identity, (header, pending.body)))
+        pack = self._packs.setdefault(worker.identity, [])
+        pack += (header, pending.body)
+        if len(pack) >= 2 * worker.batch:
+            self._send_pack(worker.identity)
+
+    def _send_pack(self, identity: bytes) -> None:
+        pack = self._packs.pop(identity, None)
+        if pack:
+            self._actions.append(ToWorker(identity, tuple(pack)))
 
     # --- deadlines ----------------------------------------------------------------------------
 
@@ -574,6 +589,7 @@ class BrokerCore:
         self._actions.append(ToClient(frontend, client, body))
 
     def _to_worker(self, identity: bytes, command: int, *payload: bytes) -> None:
+        self._send_pack(identity)  # what was dispatched to it goes first, in order
         self._actions.append(ToWorker(identity, (protocol.worker_header(command), *payload)))
 
     # --- workers --------------------------------------------------------------------------------
@@ -596,8 +612,8 @@ class BrokerCore:
             self._to_worker(identity, protocol.DISCONNECT)
             return
         worker.expires_at = now + self._liveness_s
-        if command == protocol.REPLY and len(args) == 1:
-            self._on_reply(worker, header.seq, args[0], now)
+        if command == protocol.REPLY:
+            self._on_replies(worker, frames, now)
         elif command == protocol.HEARTBEAT:
             pass
         elif command == protocol.UPDATE and len(args) == 1:
@@ -637,6 +653,7 @@ class BrokerCore:
             info=hello.info,
             pid=hello.pid,
             expires_at=now + self._liveness_s,
+            batch=hello.batch,
         )
         self.workers[identity] = worker
         model = self.models.setdefault(hello.model, ModelState(hello.model))
@@ -668,6 +685,7 @@ class BrokerCore:
             self.counters["worker_messages_malformed"] += 1
             return
         worker.version, worker.slots, worker.info = hello.version, hello.slots, hello.info
+        worker.batch = hello.batch
         self._pump(self.models[worker.model], now)
 
     def _on_load_failed(self, worker: WorkerRecord, frame: bytes) -> None:
@@ -692,13 +710,19 @@ class BrokerCore:
         if model.target_version == version:
             model.target_version = None  # workers that join later are not sent there again
 
-    def _on_reply(self, worker: WorkerRecord, seq: int, body: bytes, now: float) -> None:
-        pending = worker.in_flight.get(seq)
-        if pending is None:
-            self.counters["late_replies_dropped"] += 1
+    def _on_replies(self, worker: WorkerRecord, frames: list[bytes], now: float) -> None:
+        try:
+            replies = protocol.parse_packed(protocol.REPLY, frames)
+        except ProtocolError:
+            self.counters["worker_messages_malformed"] += 1
             return
-        self._release(worker, pending)
-        self._answer(pending, body, _reply_outcome(body))
+        for seq, _, body in replies:
+            pending = worker.in_flight.get(seq)
+            if pending is None:
+                self.counters["late_replies_dropped"] += 1
+                continue
+            self._release(worker, pending)
+            self._answer(pending, body, _reply_outcome(body))
         self._forget_if_drained(worker, now)
         self._pump(self.models[worker.model], now)
 
@@ -718,6 +742,7 @@ class BrokerCore:
     def _remove(self, worker: WorkerRecord) -> None:
         self.workers.pop(worker.identity, None)
         self.models[worker.model].workers.pop(worker.identity, None)
+        self._packs.pop(worker.identity, None)  # what it held is redelivered or answered
         if worker.pid > 0:
             self._actions.append(UnwatchProcess(worker.identity))
 

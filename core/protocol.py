@@ -624,6 +624,24 @@ def parse_worker_header(frame: bytes) -> WorkerHeader:
     return WorkerHeader(command, seq, deadline_us)
 
 
+def parse_packed(command: int, frames: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """A REQUEST or REPLY message's (seq, deadline_us, body) triples, the first header included
+    (PROTOCOL.md section 7, "Packing"); the whole message is malformed if any pair is."""
+    if len(frames) % 2:
+        message = f"{len(frames)} frames, not (header, body) pairs"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, message)
+    packed = []
+    for index in range(0, len(frames), 2):
+        header = frames[index]
+        if len(header) != _HEADER.size:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "not a URW1 worker-protocol header")
+        magic, header_command, seq, deadline_us = _HEADER.unpack(header)
+        if magic != WORKER_PROTOCOL or header_command != command:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "a packed header of another command")
+        packed.append((seq, deadline_us, frames[index + 1]))
+    return packed
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerHello:
     model: str
@@ -631,12 +649,14 @@ class WorkerHello:
     slots: int
     info: dict[str, Any]
     pid: int = 0  # the worker's process id on the broker's host (0: unknown); see section 7
+    batch: int = 1  # requests it takes in one REQUEST message (section 7, "Packing")
 
 
 def encode_ready(hello: WorkerHello, command: int = READY) -> list[bytes]:
     """READY (registering) or UPDATE (same connection, now serving another version)."""
     meta = {"model": hello.model, "version": hello.version, "slots": hello.slots}
-    return [worker_header(command), _pack({**meta, "info": hello.info, "pid": hello.pid})]
+    meta |= {"info": hello.info, "pid": hello.pid, "batch": hello.batch}
+    return [worker_header(command), _pack(meta)]
 
 
 def encode_load_failed(version: str, error: str) -> list[bytes]:
@@ -671,7 +691,12 @@ def decode_ready(frame: bytes) -> WorkerHello:
         and isinstance(meta.get("info"), dict)
     ):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "READY needs model, version, slots > 0, info")
-    pid = meta.get("pid", 0)
+    pid, batch = meta.get("pid", 0), meta.get("batch", 1)
     return WorkerHello(
-        meta["model"], meta["version"], meta["slots"], meta["info"], pid if _is_int(pid) else 0
+        meta["model"],
+        meta["version"],
+        meta["slots"],
+        meta["info"],
+        pid if _is_int(pid) else 0,
+        batch if _is_int(batch) and batch > 0 else 1,
     )

@@ -70,7 +70,7 @@ class IngestWorker(WorkerLoop):
     def hello(self) -> protocol.WorkerHello:
         info = {"class": "EventWriter", "ops": [Op.INGEST.value]}
         return protocol.WorkerHello(
-            self.name, "recs_events", self.config.slots, info, pid=os.getpid()
+            self.name, "recs_events", self.config.slots, info, os.getpid(), self.config.slots
         )
 
     def execute(self, jobs: list[Job]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -41,12 +42,17 @@ class Harness:
                 self.to_workers.append(action)
                 header = protocol.parse_worker_header(action.frames[0])
                 if header.command == protocol.REQUEST:
-                    self.requests.setdefault(action.identity, []).append(header.seq)
+                    packed = protocol.parse_packed(protocol.REQUEST, list(action.frames))
+                    assert len(packed) <= self.core.workers[action.identity].batch
+                    seqs = self.requests.setdefault(action.identity, [])
+                    seqs += (seq for seq, _, _ in packed)
             elif isinstance(action, WatchProcess):
                 self.watched[action.identity] = action.pid
 
-    def join(self, identity: bytes, model: str = "als", slots: int = 4, pid: int = 0) -> None:
-        hello = protocol.WorkerHello(model, "v1", slots, {}, pid)
+    def join(
+        self, identity: bytes, model: str = "als", slots: int = 4, pid: int = 0, batch: int = 1
+    ) -> None:
+        hello = protocol.WorkerHello(model, "v1", slots, {}, pid, batch)
         self.core.worker_message(identity, protocol.encode_ready(hello), self.now)
         self.collect()
 
@@ -62,8 +68,14 @@ class Harness:
         self.collect()
 
     def answer(self, worker: bytes, seq: int, request_id: Any = 0) -> None:
-        body = protocol.encode_ok(request_id, {"items": []})
-        frames = [protocol.worker_header(protocol.REPLY, seq), body]
+        self.answer_packed(worker, [(seq, request_id)])
+
+    def answer_packed(self, worker: bytes, answers: list[tuple[int, Any]]) -> None:
+        """One REPLY message carrying a reply per (seq, request id)."""
+        frames: list[bytes] = []
+        for seq, request_id in answers:
+            body = protocol.encode_ok(request_id, {"items": []})
+            frames += (protocol.worker_header(protocol.REPLY, seq), body)
         self.core.worker_message(worker, frames, self.now)
         self.collect()
 
@@ -283,6 +295,84 @@ def test_drain_refuses_new_requests_and_finishes_when_nothing_is_held() -> None:
 # --- random interleavings ---------------------------------------------------------------------
 
 WORKERS = [b"w1", b"w2", b"w3"]
+
+
+def test_requests_dispatched_to_one_worker_in_one_turn_leave_as_one_packed_message() -> None:
+    h = Harness()
+    h.core.worker_message(
+        b"w1", protocol.encode_ready(protocol.WorkerHello("als", "v1", 8, {}, 0, 3)), h.now
+    )
+    for request_id in range(1, 6):  # one turn: the shell takes the actions once, at its end
+        body = protocol.encode_request(request_id, "recommend", "als", {"user": "u"})
+        h.core.client_message(0, b"c", [b"", body], h.now)
+    h.collect()
+    packs = [a for a in h.to_workers if a.frames[0][4] == protocol.REQUEST]
+    assert [len(a.frames) // 2 for a in packs] == [3, 2]  # at most the worker's batch of 3
+    assert h.requests[b"w1"] == sorted(h.requests[b"w1"]) and len(h.requests[b"w1"]) == 5
+    h.answer_packed(b"w1", [(seq, i + 1) for i, seq in enumerate(h.requests[b"w1"])])
+    assert all(h.code(b"c", request_id) is None for request_id in range(1, 6))
+
+
+def test_a_worker_that_announced_no_batch_gets_one_request_per_message() -> None:
+    h = Harness()
+    h.join(b"w1", slots=8)  # READY without "batch": 1
+    for request_id in range(1, 4):
+        body = protocol.encode_request(request_id, "recommend", "als", {"user": "u"})
+        h.core.client_message(0, b"c", [b"", body], h.now)
+    h.collect()
+    assert [len(a.frames) for a in h.to_workers] == [2, 2, 2]
+
+
+def test_a_pack_waiting_for_a_worker_goes_before_a_command_to_it() -> None:
+    h = Harness()
+    h.join(b"w1", slots=8, batch=8)
+    body = protocol.encode_request(1, "recommend", "als", {"user": "u"})
+    h.core.client_message(0, b"c", [b"", body], h.now)
+    h.core.tick(h.now + 0.3)  # a heartbeat to w1 in the same turn (it is alive for 0.75 s)
+    h.collect()
+    commands = [a.frames[0][4] for a in h.to_workers if a.identity == b"w1"]
+    assert commands == [protocol.REQUEST, protocol.HEARTBEAT]
+
+
+def test_a_pack_for_a_worker_that_dies_before_it_is_sent_is_redelivered_not_sent() -> None:
+    h = Harness()
+    h.join(b"w1", slots=8, batch=8)
+    h.join(b"w2", slots=8, batch=8)
+    h.collect()
+    h.to_workers.clear()
+    body = protocol.encode_request(1, "recommend", "als", {"user": "u"})
+    h.core.client_message(0, b"c", [b"", body], h.now)
+    held_by = next(w for w in h.core.workers.values() if w.in_flight).identity
+    h.core.worker_gone(held_by, "process exited", h.now)
+    h.collect()
+    assert [a.identity for a in h.to_workers] == [b"w2" if held_by == b"w1" else b"w1"]
+    (seq,) = h.requests[h.to_workers[0].identity]
+    h.answer(h.to_workers[0].identity, seq, 1)
+    assert h.code(b"c", 1) is None
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [protocol.worker_header(protocol.REPLY, 1)],
+        [protocol.worker_header(protocol.REPLY, 1), b"x", b"y"],
+        [protocol.worker_header(protocol.REPLY, 1), b"x", protocol.worker_header(4), b"y"],
+    ],
+    ids=["no-body", "odd-frames", "second-header-not-a-reply"],
+)
+def test_a_malformed_packed_reply_is_counted_and_answers_nothing(frames: list[bytes]) -> None:
+    h = Harness()
+    h.join(b"w1")
+    h.send(b"c", 1)
+    h.core.worker_message(b"w1", frames, h.now)
+    h.collect()
+    assert h.core.counters["worker_messages_malformed"] == 1
+    assert h.replies == {}
+    (seq,) = h.requests[b"w1"]
+    h.answer(b"w1", seq, 1)
+    assert h.code(b"c", 1) is None
+
+
 CLIENTS = [b"a", b"b", b"c"]
 
 
@@ -304,9 +394,9 @@ class BrokerMachine(RuleBasedStateMachine):
         self.dead: set[bytes] = set()  # identities we killed and that have not joined again
         self.garbage = 0
 
-    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 3))
-    def join(self, worker: bytes, slots: int) -> None:
-        self.h.join(worker, slots=slots, pid=WORKERS.index(worker) + 1)
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 3), batch=st.integers(1, 3))
+    def join(self, worker: bytes, slots: int, batch: int) -> None:
+        self.h.join(worker, slots=slots, pid=WORKERS.index(worker) + 1, batch=batch)
         self.dead.discard(worker)
 
     @rule(worker=st.sampled_from(WORKERS))
@@ -347,6 +437,15 @@ class BrokerMachine(RuleBasedStateMachine):
         pending = worker.in_flight[seq]
         self.h.answer(worker.identity, seq, pending.request_id)
 
+    @precondition(lambda self: any(w.in_flight for w in self.h.core.workers.values()))
+    @rule(data=st.data())
+    def packed_replies(self, data: st.DataObject) -> None:
+        busy = [w for w in self.h.core.workers.values() if w.in_flight]
+        worker = data.draw(st.sampled_from(busy))
+        seqs = data.draw(st.lists(st.sampled_from(sorted(worker.in_flight)), min_size=1))
+        answers = [(seq, worker.in_flight[seq].request_id) for seq in dict.fromkeys(seqs)]
+        self.h.answer_packed(worker.identity, answers)
+
     @rule(worker=st.sampled_from(WORKERS), seq=st.integers(0, 50))
     def late_or_unknown_reply(self, worker: bytes, seq: int) -> None:
         record = self.h.core.workers.get(worker)
@@ -372,6 +471,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def nothing_is_sent_to_a_worker_known_dead(self) -> None:
         for action in self.h.to_workers:
             header = protocol.parse_worker_header(action.frames[0])
+            assert len(action.frames) == 1 or header.command in (protocol.REQUEST, protocol.LOAD)
             if header.command == protocol.REQUEST:
                 assert action.identity not in self.dead
         self.h.to_workers.clear()

@@ -9,6 +9,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from uro_recs.core import protocol
 from uro_recs.core.protocol import ErrorCode, ProtocolError
@@ -162,3 +164,35 @@ def test_worker_header_carries_command_seq_and_deadline() -> None:
     for bad in (b"", b"URW1", b"XXXX" + frame[4:], frame + b"\0"):
         with pytest.raises(ProtocolError):
             protocol.parse_worker_header(bad)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=20)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_packed_requests_read_back_as_sent(triples: list[tuple[int, int, bytes]]) -> None:
+    frames: list[bytes] = []
+    for seq, deadline_us, body in triples:
+        frames += (protocol.worker_header(protocol.REQUEST, seq, deadline_us), body)
+    assert protocol.parse_packed(protocol.REQUEST, frames) == triples
+
+
+@given(st.lists(st.binary(max_size=30), max_size=6), st.sampled_from([2, 3]))
+def test_any_frames_read_as_packed_give_triples_or_a_protocol_error(
+    frames: list[bytes], command: int
+) -> None:
+    try:
+        packed = protocol.parse_packed(command, frames)
+    except ProtocolError as error:
+        assert error.code is ErrorCode.BAD_REQUEST
+    else:
+        assert len(packed) == len(frames) // 2
+
+
+def test_a_pack_mixing_commands_is_malformed() -> None:
+    frames = [protocol.worker_header(protocol.REPLY, 1), b"a", protocol.worker_header(2, 2), b"b"]
+    with pytest.raises(ProtocolError, match="another command"):
+        protocol.parse_packed(protocol.REPLY, frames)

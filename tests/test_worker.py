@@ -45,6 +45,8 @@ class FakeBroker:
         self.sock.bind(endpoint)
         self.worker = b""  # the worker's identity, from its first message
         self.heartbeats: list[float] = []  # when each HEARTBEAT arrived (time.monotonic())
+        self.packed_replies = 0  # REPLY messages that carried more than one reply
+        self._unread: list[tuple[int, bytes]] = []  # the rest of a packed REPLY
         self._seq = 0
 
     def receive(self, timeout_s: float = 10) -> tuple[protocol.WorkerHeader, list[bytes]]:
@@ -68,11 +70,14 @@ class FakeBroker:
         return payload
 
     def reply(self, timeout_s: float = 10) -> tuple[int, bytes]:
-        """The next REPLY: its seq and its body."""
-        header, payload = self.receive(timeout_s)
-        assert header.command == protocol.REPLY, f"expected a REPLY, got {header}"
-        assert len(payload) == 1
-        return header.seq, payload[0]
+        """The next reply (a REPLY message may carry several): its seq and its body."""
+        if not self._unread:
+            header, payload = self.receive(timeout_s)
+            assert header.command == protocol.REPLY, f"expected a REPLY, got {header}"
+            frames = [protocol.worker_header(protocol.REPLY, header.seq), *payload]
+            self._unread = [(seq, body) for seq, _, body in protocol.parse_packed(3, frames)]
+            self.packed_replies += len(self._unread) > 1
+        return self._unread.pop(0)
 
     def replies(self, count: int, timeout_s: float = 20) -> list[tuple[int, dict[str, Any]]]:
         """The next `count` replies in the order they arrived, bodies decoded."""
@@ -224,20 +229,24 @@ def test_ready_carries_the_ingest_workers_pid(broker: FakeBroker) -> None:
 # --- malformed messages from the broker -----------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [0, 2], ids=["header-only", "two-bodies"])
+@pytest.mark.parametrize(
+    "rest",
+    [[], [b"body", b"body"], [b"body", b"not a header", b"body"]],
+    ids=["header-only", "two-bodies", "second-pair-without-header"],
+)
 def test_request_with_a_wrong_frame_count_is_answered_not_dropped(
-    broker: FakeBroker, engine: Engine, all_users: list[str], extra: int
+    broker: FakeBroker, engine: Engine, all_users: list[str], rest: list[bytes]
 ) -> None:
     service = als_service(engine, broker)
     with running(service, broker):
         body = protocol.encode_request(1, "recommend", "als", {"user": all_users[0]})
-        frames = [body] * extra
+        frames = [body if frame == b"body" else frame for frame in rest]
         broker.send(protocol.REQUEST, *frames, seq=41, deadline_us=2**62)
         seq, reply = broker.replies(1)[0]
         assert seq == 41
         assert reply["ok"] is False and reply["id"] is None
         assert reply["error"]["code"] == "internal"
-        assert f"REQUEST of {extra + 1} frames, expected 2" in reply["error"]["message"]
+        assert "worker got a malformed REQUEST" in reply["error"]["message"]
         broker.request(2, "recommend", {"user": all_users[0]})  # and the worker serves on
         assert broker.replies(1)[0][1]["ok"] is True
         assert service.malformed == 1
@@ -492,6 +501,31 @@ def test_requests_arriving_within_the_batch_delay_share_one_model_call(
     assert {seq for seq, reply in replies if reply["ok"]} == {first, second}
     assert model.calls == [2]
     assert answered - sent >= 0.5  # it waited out the delay for a third
+
+
+def test_a_packed_request_is_one_model_call_and_its_replies_leave_packed(
+    broker: FakeBroker, engine: Engine, all_users: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = all_users[:3]
+    expected = [r.items for r in engine.recommend(users, 5, filter_consumed=True)]
+    model = slowed(engine, monkeypatch, seconds_per_user=0)
+    with running(als_service(engine, broker, max_batch_delay_ms=0), broker) as hello:
+        assert hello.batch == 8  # its slots: it takes as many in one message as it may hold
+        deadline_us = int((time.monotonic() + 30) * 1_000_000)
+        frames: list[bytes] = []
+        for seq, user in enumerate(users, start=7):
+            frames += (
+                protocol.worker_header(protocol.REQUEST, seq, deadline_us),
+                protocol.encode_request(seq, "recommend", "als", {"user": user, "n": 5}),
+            )
+        broker.sock.send_multipart([broker.worker, *frames])
+        replies = broker.replies(3)
+    assert [seq for seq, _ in replies] == [7, 8, 9]
+    assert [reply["result"]["user"] for _, reply in replies] == users
+    assert [reply["id"] for _, reply in replies] == [7, 8, 9]
+    assert [reply["result"]["items"] for _, reply in replies] == expected
+    assert model.calls == [3]
+    assert broker.packed_replies == 1
 
 
 def test_a_batch_that_fills_the_slots_does_not_wait_out_the_delay(

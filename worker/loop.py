@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 import zmq
@@ -28,6 +29,8 @@ from uro_recs.core.protocol import ErrorCode, ProtocolError, RequestId
 from uro_recs.core.wakeup import Wakeup
 
 log = structlog.get_logger("uro_recs.worker")
+
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 def one_line(error: BaseException) -> str:
@@ -71,6 +74,9 @@ class WorkerLoop:
         self._released = False  # draining, and the broker has let us go
         self._stopping = False  # stop() was called
         self._sock: zmq.Socket[bytes] | None = None
+        # Replies not yet sent: (header, body) pairs, sent packed as one REPLY message at the
+        # next flush (PROTOCOL.md section 7, "Packing"), which comes before the loop waits.
+        self._replies: list[bytes] = []
         self._next_heartbeat = 0.0
         self._wakeup = Wakeup()
 
@@ -131,6 +137,7 @@ class WorkerLoop:
     def _connect(self) -> zmq.Socket[bytes]:
         if self._sock is not None:
             self._sock.close(linger=0)
+        self._replies.clear()  # their seqs mean nothing to the broker we connect to next
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
@@ -200,8 +207,10 @@ class WorkerLoop:
                 if jobs:
                     self.execute(jobs)
             self.after_wake()
+            self.flush_replies()
             if self.has_pending_work():
                 self.step()
+                self.flush_replies()
             self.heartbeat_if_due()
             now = time.monotonic()
             if self.draining:
@@ -211,6 +220,7 @@ class WorkerLoop:
                     if self.has_pending_work():
                         self.stop_pending_work("the worker stopped before it could finish")
                     log.info("worker_drained_without_broker", worker=self.label)
+                    self.flush_replies()
                     self.running = False
             elif now >= broker_expires:
                 log.warning("broker_lost", worker=self.label, endpoint=self.endpoint)
@@ -234,9 +244,8 @@ class WorkerLoop:
         jobs: list[Job] = []
         wait_until = 0.0
         while len(jobs) < self.config.slots:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            # Asking first costs less than the zmq.Again a read of an empty socket raises.
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 if not jobs or self.config.max_batch_delay_ms <= 0:
                     break
                 if not wait_until:
@@ -245,39 +254,36 @@ class WorkerLoop:
                 if remaining_ms <= 0 or not sock.poll(max(1, int(remaining_ms))):
                     break
                 continue
-            job = self._on_message(frames)
-            if job is not None:
-                jobs.append(job)
+            jobs += self._on_message(sock.recv_multipart(_NOBLOCK))
         return jobs
 
-    def _on_message(self, frames: list[bytes]) -> Job | None:
+    def _on_message(self, frames: list[bytes]) -> list[Job]:
         try:
             header = protocol.parse_worker_header(frames[0])
         except ProtocolError:  # no seq to answer: all we can do is say so
             self.malformed += 1
             log.warning("broker_message_malformed", worker=self.label, frames=len(frames))
-            return None
+            return []
         command = header.command
         if command == protocol.REQUEST:
-            if len(frames) != 2:
+            try:
+                packed = protocol.parse_packed(protocol.REQUEST, frames)
+            except ProtocolError as error:  # answer the one seq we can read
                 self.malformed += 1
                 log.warning("broker_request_malformed", worker=self.label, frames=len(frames))
-                message = f"worker got a REQUEST of {len(frames)} frames, expected 2 (header, body)"
-                self._send(
-                    protocol.REPLY,
-                    protocol.encode_error(None, ErrorCode.INTERNAL, message),
-                    seq=header.seq,
-                )
-                return None
-            deadline = header.deadline_us / 1_000_000  # the host's CLOCK_MONOTONIC
-            return Job(seq=header.seq, deadline=deadline, body=frames[1])
+                message = f"worker got a malformed REQUEST: {error.message}"
+                body = protocol.encode_error(None, ErrorCode.INTERNAL, message)
+                self._send(protocol.REPLY, body, seq=header.seq)
+                return []
+            # Deadlines are instants of the host's CLOCK_MONOTONIC, in µs.
+            return [Job(seq, deadline_us / 1_000_000, body) for seq, deadline_us, body in packed]
         if command == protocol.LOAD:
             if len(frames) != 2:
                 self.malformed += 1
                 log.warning("broker_load_malformed", worker=self.label, frames=len(frames))
-                return None
+                return []
             self.on_load(frames[1].decode(errors="replace"))
-            return None
+            return []
         if command == protocol.DISCONNECT:
             if self._drain_announced:
                 self._released = True  # the broker has let us go
@@ -287,7 +293,7 @@ class WorkerLoop:
         elif command != protocol.HEARTBEAT:
             self.malformed += 1
             log.warning("broker_command_unknown", worker=self.label, command=command)
-        return None
+        return []
 
     def heartbeat_if_due(self) -> None:
         now = time.monotonic()
@@ -304,8 +310,16 @@ class WorkerLoop:
             return None
 
     def reply(self, job: Job, body: bytes) -> None:
+        """Answer a job; the reply leaves at the next `flush_replies`, before the loop waits."""
         self.served += 1
-        self._send(protocol.REPLY, body, seq=job.seq)
+        self._replies += (protocol.worker_header(protocol.REPLY, job.seq), body)
+
+    def flush_replies(self) -> None:
+        """Send the replies made since the last flush, packed into one REPLY message."""
+        if self._replies:
+            if self._sock is not None:
+                self._sock.send_multipart(self._replies)
+            self._replies = []
 
     def reply_error(
         self, job: Job, request_id: RequestId | None, code: ErrorCode, message: str

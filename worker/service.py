@@ -99,6 +99,7 @@ class WorkerService(WorkerLoop):
             slots=self.config.slots,
             info=self.engine.info(),
             pid=os.getpid(),
+            batch=self.config.slots,
         )
 
     def after_wake(self) -> None:
