@@ -63,8 +63,14 @@ def make_interactions(
         # Gumbel top-k: the k largest perturbed log-weights are a weighted sample
         # without replacement, for every user of the chunk at once.
         keys = log_weight + rng.gumbel(size=log_weight.shape)
-        order = np.argsort(-keys, axis=1)
-        picked.extend(order[row, : counts[start + row]] for row in range(stop - start))
+        # Each user's picks in descending key order: a partition to the chunk's largest
+        # count, then a sort of only those (a full argsort of every row took minutes on the
+        # 50k-item benchmark catalogue).
+        most = int(counts[start:stop].max())
+        top = np.argpartition(-keys, most - 1, axis=1)[:, :most]
+        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(keys, top, 1), 1), 1)
+        # Copies: a view would keep the chunk's whole order alive (16 GB for that catalogue).
+        picked.extend(order[row, : counts[start + row]].copy() for row in range(stop - start))
 
     user_index = np.repeat(np.arange(n_users), counts)
     item_index = np.concatenate(picked)
