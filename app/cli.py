@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from uro_recs.core import families
-from uro_recs.core.config import Config, ConfigError, load_config
+from uro_recs.core.config import OWN_FM, Config, ConfigError, load_config
 from uro_recs.core.logs import configure_logging
 from uro_recs.core.sdnotify import Notifier
 
@@ -131,6 +131,19 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
 
     def load(version: str | None) -> Engine:
         engine = load_engine(config.store, model.name, version, threads=config.worker.threads)
+        if model.retrieve_from:
+            from uro_recs.worker.deepfm_engine import DeepFMEngine
+
+            if not isinstance(engine, DeepFMEngine):
+                raise ConfigError(
+                    f"models[{model.name!r}].retrieve_from: two-stage serving ranks with a DeepFM"
+                    f" that the numpy engine serves; {model.name!r} is {engine.libreco_class}"
+                    f" served by {type(engine).__name__}: remove retrieve_from"
+                )
+            retriever = None
+            if model.retrieve_from != OWN_FM:
+                retriever = load_engine(config.store, model.retrieve_from, threads=1)
+            engine.retrieve_with(retriever, model.candidates)
         engine.warm_up()
         return engine
 

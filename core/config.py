@@ -23,10 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Final, TypeVar, get_type_hints
 
 from uro_recs.core.families import KINDS
-from uro_recs.core.model_store import check_version_name
+from uro_recs.core.model_store import check_model_name, check_version_name
 from uro_recs.core.protocol import MAX_TIMEOUT_MS
 
 _T = TypeVar("_T")
@@ -187,11 +187,22 @@ class SyncConfig:
     keep_generations: int = 2  # batch generations kept: the live one and the one before
 
 
+# `retrieve_from` naming a DeepFM's own linear and FM terms as its first stage (no model name
+# starts with "@").
+OWN_FM: Final = "@fm"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     version: str = ""  # empty: the store's CURRENT version
     workers: int = _setting(2, ge=0)  # 0: the broker knows it, no worker is started
+    # Two-stage serving (a DeepFM only): `candidates` items per user are retrieved, and this
+    # model ranks only those instead of every item. By another model of the store (an
+    # embedding model, say "als"), or, with OWN_FM, by the DeepFM's own linear and FM terms.
+    # Empty: rank every item. README, "Two-stage serving", gives recall and speed.
+    retrieve_from: str = ""
+    candidates: int = _setting(500, le=100_000)
 
 
 @dataclass(frozen=True)
@@ -457,6 +468,14 @@ def _models(entries: Any, base: Path | None) -> tuple[ModelConfig, ...]:
         for j, earlier in enumerate(models):
             if earlier.name == name:
                 raise ConfigError(f"{where}.name: {name!r} is already models[{j}]")
+        if values.get("retrieve_from"):
+            if values["retrieve_from"] == name:
+                raise ConfigError(f"{where}.retrieve_from: name another model than {name!r}")
+            try:
+                if values["retrieve_from"] != OWN_FM:
+                    check_model_name(values["retrieve_from"])
+            except ValueError as exc:
+                raise ConfigError(f"{where}.retrieve_from: {exc}, or {OWN_FM!r}") from None
         models.append(ModelConfig(**values))
     return tuple(models)
 

@@ -357,6 +357,11 @@ def _manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode()
 
 
+def check_model_name(name: str) -> None:
+    """Raise ValueError, with a one-line message, unless `name` is a valid model name."""
+    _check_name(name, "model name")
+
+
 def check_version_name(version: str) -> None:
     """Raise ValueError, with a one-line message, unless `version` is a valid version name."""
     _check_name(version, "version name")

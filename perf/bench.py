@@ -259,13 +259,15 @@ def worker_memory(serve_pid: int) -> list[dict[str, int]]:
 
 @contextmanager
 def uro_recs_server(
-    root: Path, store: Path, model: str, workers: int
+    root: Path, store: Path, model: str, workers: int, model_options: str = ""
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`uro-recs serve` of one model; `model_options` are TOML lines for its [[models]] table."""
     run_dir = root / "run"
     config = root / f"uro-recs-{model}-{workers}.toml"
     config.write_text(
         f'run_dir = "{run_dir.absolute()}"\nstore = "{store.absolute()}"\nlog_format = "json"\n'
         f'[worker]\nthreads = 1\nslots = 64\n[[models]]\nname = "{model}"\nworkers = {workers}\n'
+        + model_options
     )
     endpoint = f"ipc://{run_dir.absolute() / 'client.sock'}"
     process = start_serving(config, quiet=True)

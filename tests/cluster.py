@@ -32,8 +32,10 @@ class Cluster:
         worker: dict[str, Any] | None = None,
         database: dict[str, Any] | None = None,
         ingest_workers: int = 0,
+        model_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """`ingest_workers` > 0 enables [ingest]; they write to `database` (its url, retries)."""
+        """`ingest_workers` > 0 enables [ingest]; they write to `database` (its url, retries).
+        `model_options` adds settings to a model's [[models]] table, by model name."""
         # IPC paths are limited to ~107 bytes: keep the sockets in a short temporary path.
         self.root = Path(tempfile.mkdtemp(prefix="ur-"))
         self.run_dir = self.root / "run"
@@ -46,6 +48,8 @@ class Cluster:
             lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
         for name, count in models.items():
             lines += ["[[models]]", f'name = "{name}"', f"workers = {count}"]
+            options = (model_options or {}).get(name, {})
+            lines += [f"{key} = {_toml(value)}" for key, value in options.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.models = models
         self.ingest_workers = ingest_workers

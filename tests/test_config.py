@@ -213,6 +213,7 @@ AT_MOST = {
     "worker.max_batch_delay_ms": MAX_TIMEOUT_MS,
     "database.lease_ttl_s": 86_400,
     "sync.test_fraction": 0.9,
+    "models[0].candidates": 100_000,
 }
 ANY_FINITE = {"sync.save_weight"}
 INT64_MAX = 2**63 - 1
@@ -592,6 +593,15 @@ def test_an_array_of_tables_for_a_section_is_refused(tmp_path: Path) -> None:
         (
             '[[models]]\nname = "als"\n[[models]]\nname = "als"\n',
             "models[1].name: 'als' is already models[0]",
+        ),
+        (
+            '[[models]]\nname = "deepfm"\nretrieve_from = "deepfm"\n',
+            "models[0].retrieve_from: name another model than 'deepfm'",
+        ),
+        (
+            '[[models]]\nname = "deepfm"\nretrieve_from = "../als"\n',
+            "models[0].retrieve_from: invalid model name '../als': 1 to 128 letters, digits, '.',"
+            " '_' or '-', starting with a letter or digit, or '@fm'",
         ),
         (
             '[[models]]\nname = "als"\nversion = "../v1"\n',

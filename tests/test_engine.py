@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import pandas as pd
 import pytest
 
 from tests.conftest import Reference
+from uro_recs.core.config import OWN_FM
 from uro_recs.core.model_store import StoreCorrupt, current_version, verify, version_dir
 from uro_recs.pipeline.training import train_model
+from uro_recs.worker.deepfm_engine import DeepFMEngine
 from uro_recs.worker.engine import (
     BadArgument,
     Engine,
@@ -520,3 +523,82 @@ def test_deepfm_engine_equals_libreco_for_other_mlp_shapes(
 def test_a_deepfm_with_user_features_is_served_by_libreco(tmp_path: Path) -> None:
     _save_deepfm(tmp_path, "deepfm", user_feature=True, hidden_units=[8], use_bn=True)
     assert type(load_engine(tmp_path, "deepfm")).__name__ == "LibrecoEngine"
+
+
+# --- two-stage serving: ALS retrieves, DeepFM ranks the candidates ---------------------------
+
+
+def two_stage(trained_store: Path, candidates: int, retrieve_from: str = "als") -> DeepFMEngine:
+    engine = load_engine(trained_store, "deepfm")
+    assert isinstance(engine, DeepFMEngine)
+    retriever = None if retrieve_from == OWN_FM else load_engine(trained_store, retrieve_from)
+    engine.retrieve_with(retriever, candidates)
+    return engine
+
+
+@pytest.mark.parametrize("retrieve_from", ["als", OWN_FM])
+def test_two_stage_with_every_item_as_a_candidate_ranks_as_libreco_does(
+    trained_store: Path, references: dict[str, Reference], retrieve_from: str
+) -> None:
+    reference = references["deepfm"]
+    engine = two_stage(trained_store, engine_items(trained_store), retrieve_from)
+    ours = engine.recommend(reference.users, 10, True)
+    for user, answer in zip(reference.users, ours, strict=True):
+        assert not answer.cold_start
+        theirs = reference.recommend(user, 10)
+        assert_same_ranking("deepfm", answer.items, theirs, partial(reference.scores, user))
+
+
+def test_two_stage_ranks_only_the_retrievers_candidates_by_deepfm_score(
+    trained_store: Path, engines: dict[str, Engine], references: dict[str, Reference]
+) -> None:
+    reference = references["deepfm"]
+    users = reference.users[:20]
+    engine = two_stage(trained_store, candidates=50)
+    candidates = engines["als"].recommend(users, 50, True)
+    answers = engine.recommend(users, 10, True)
+    for user, answer, found in zip(users, answers, candidates, strict=True):
+        assert len(answer.items) == 10 and set(answer.items) <= set(found.items)
+        scores = reference.scores(user, answer.items)
+        assert all(a >= b - NEAR_TIE for a, b in itertools.pairwise(scores)), scores
+        rest = [item for item in found.items if item not in answer.items]
+        assert max(reference.scores(user, rest)) <= scores[-1] + NEAR_TIE
+
+
+def test_own_fm_retrieval_ranks_the_top_items_by_the_linear_and_fm_terms(
+    trained_store: Path, references: dict[str, Reference]
+) -> None:
+    engine = two_stage(trained_store, 50, OWN_FM)
+    full = load_engine(trained_store, "deepfm")
+    assert isinstance(full, DeepFMEngine)
+    for user in references["deepfm"].users[:20]:
+        inner = full._user2id[user]
+        terms = full._user_terms(inner)
+        shallow = full._item_fields_sum @ terms.fm + full._item_constant
+        shallow[full._user_consumed.get(inner, ())] = -np.inf
+        top50 = {full._id2item[i] for i in np.argsort(-shallow)[:50]}
+        (answer,) = engine.recommend([user], 10, True)
+        assert len(answer.items) == 10 and set(answer.items) <= top50
+        scores = references["deepfm"].scores(user, answer.items)
+        assert all(a >= b - NEAR_TIE for a, b in itertools.pairwise(scores)), scores
+
+
+@pytest.mark.parametrize("retrieve_from", ["als", OWN_FM])
+def test_two_stage_takes_exclusions_and_answers_unknown_users_from_popularity(
+    trained_store: Path,
+    engines: dict[str, Engine],
+    references: dict[str, Reference],
+    retrieve_from: str,
+) -> None:
+    user = references["deepfm"].users[0]
+    engine = two_stage(trained_store, 30, retrieve_from)
+    first = engine.recommend([user], 5, True)[0].items
+    again = engine.recommend([user], 5, True, exclude=[frozenset(first[:2])])[0].items
+    assert len(again) == 5 and not set(first[:2]) & set(again)
+    (unknown,) = engine.recommend(["no-such-user"], 5, True)
+    assert unknown == engines["deepfm"].recommend(["no-such-user"], 5, True)[0]
+    assert unknown.cold_start
+
+
+def engine_items(trained_store: Path) -> int:
+    return load_engine(trained_store, "als").n_items

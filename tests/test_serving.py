@@ -113,3 +113,34 @@ def test_one_sync_client_shared_by_threads(cluster: Cluster, demo_users: list[st
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+def test_two_stage_serving_answers_what_the_engine_ranks(
+    trained_store: Path, references: dict[str, Reference]
+) -> None:
+    from uro_recs.worker.deepfm_engine import DeepFMEngine
+    from uro_recs.worker.engine import load_engine
+
+    engine = load_engine(trained_store, "deepfm")
+    assert isinstance(engine, DeepFMEngine)
+    engine.retrieve_with(load_engine(trained_store, "als"), 40)
+    users = references["deepfm"].users
+    expected = [answer.items for answer in engine.recommend(users, 10, True)]
+    options = {"deepfm": {"retrieve_from": "als", "candidates": 40}}
+    with (
+        Cluster(trained_store, {"deepfm": 1}, model_options=options).start() as running,
+        Client(running.client_endpoint, model="deepfm", timeout=10) as client,
+    ):
+        answers = client.recommend_many(users, n=10)
+    assert [list(answer.items) for answer in answers] == expected
+
+
+def test_two_stage_on_a_model_that_is_not_a_deepfm_stops_the_worker_with_one_line(
+    trained_store: Path,
+) -> None:
+    options = {"als": {"retrieve_from": "deepfm"}}
+    cluster = Cluster(trained_store, {"als": 1}, model_options=options)
+    worker = cluster.spawn("worker", "--model", "als")
+    assert worker.wait(timeout=120) == 2
+    output = next(cluster.root.glob("worker-*.log")).read_text().strip().splitlines()
+    assert output[-1].startswith("uro-recs worker: models['als'].retrieve_from: two-stage"), output

@@ -19,10 +19,18 @@ against libreco's graph: `python -m perf.bench`).
 Only the DeepFM shape uro-recs trains from uro's data is served here: categorical item
 features (one value each), no user features, no numeric features, task "ranking".
 `load_deepfm_engine` returns None for anything else (a DeepFM trained without item features
-included), and the worker falls back to libreco. The tests check the answers
-equal libreco's for every user, except where libreco's own scores of two items are within
-1e-6 (float32 sums in another order differ from TF's by ~3e-7, and TF's own gaps between
-ranked items go down to ~1e-8), and predict's scores to 1e-5.
+included), and the worker falls back to libreco. The tests check the answers equal
+libreco's for every user, except where libreco's own scores of two items are within 1e-6
+(float32 sums in another order differ from TF's by ~3e-7, and TF's own gaps between ranked
+items go down to ~1e-8), and predict's scores to 1e-5.
+
+Two-stage serving (`retrieve_with`): each user's top K candidates, consumed and excluded items
+removed, come from another engine (an embedding model such as ALS) or from this model's own
+linear and FM terms, which are an embedding model too (the user's FM vector against each
+item's summed field embeddings, plus per-item constants: one matrix-vector product of
+k columns); this one then ranks only those through the whole model, the MLP included. Its
+answers are DeepFM's ranking of the candidates, so they equal full ranking exactly where the
+full top n lies among them (`python -m perf.two_stage` measures how often, and the speed).
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ import structlog
 from scipy.special import expit  # type: ignore[import-untyped]
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from uro_recs.core.config import OWN_FM
 from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
-from uro_recs.worker.engine import Id
+from uro_recs.worker.engine import Engine, Id, RecommendQuery
 from uro_recs.worker.numpy_engine import NumpyEngine, SavedData, read_saved_data
 
 log = structlog.get_logger(__name__)
@@ -158,6 +167,86 @@ class DeepFMEngine(NumpyEngine):
         self._hidden_buffer = np.empty(
             (min(ITEM_BLOCK, n_items), len(self._first_item[0])), np.float32
         )
+        self._retriever: Engine | None = None
+        self._candidates = 0  # 0: rank every item (no two-stage serving)
+
+    def retrieve_with(self, retriever: Engine | None, candidates: int) -> None:
+        """Rank only `candidates` items per user: the top ones `retriever` finds (for a user
+        it knows; every item for the others), or with None the top ones by this model's own
+        linear and FM terms (OWN_FM)."""
+        self._retriever, self._candidates = retriever, candidates
+        log.info(
+            "two_stage_serving",
+            model=self.name,
+            version=self.version,
+            retrieve_from=OWN_FM if retriever is None else retriever.name,
+            retriever_version=self.version if retriever is None else retriever.version,
+            candidates=candidates,
+        )
+
+    def _rank(self, chunk: list[tuple[int, int, RecommendQuery]]) -> list[list[Id]]:
+        if not self._candidates:
+            return super()._rank(chunk)
+        found: list[npt.NDArray[np.int64] | None] = [None] * len(chunk)
+        if self._retriever is not None:
+            found = self._retrieve_elsewhere(chunk)
+        answers = []
+        for (index, user, query), rows in zip(chunk, found, strict=True):
+            terms = self._user_terms(user)
+            if self._retriever is None:
+                rows = self._retrieve_own(user, query, terms)
+            elif rows is None:  # a user the retriever does not know: rank every item
+                answers += super()._rank([(index, user, query)])
+                continue
+            scores = np.empty(len(rows), np.float32)
+            hidden = np.empty((len(rows), self._hidden_buffer.shape[1]), np.float32)
+            self._score_items(terms, rows, hidden, out=scores)
+            # Highest first; equal scores keep the order they were retrieved in.
+            best = np.argsort(-scores, kind="stable")[: query.n]
+            answers.append(self._item_array[rows[best]].tolist())
+        return answers
+
+    def _retrieve_elsewhere(
+        self, chunk: list[tuple[int, int, RecommendQuery]]
+    ) -> list[npt.NDArray[np.int64] | None]:
+        """Each user's candidates from the retriever, as our inner ids (None: it does not know
+        the user)."""
+        assert self._retriever is not None
+        queries = [
+            RecommendQuery(q.user, self._candidates, q.filter_consumed, q.exclude)
+            for _, _, q in chunk
+        ]
+        found: list[npt.NDArray[np.int64] | None] = []
+        for (_, user, query), candidates in zip(
+            chunk, self._retriever.recommend_batch(queries), strict=True
+        ):
+            if candidates.cold_start:
+                found.append(None)
+                continue
+            _, rows = self._known_items(candidates.items)
+            consumed = self._user_consumed.get(user, ())
+            if self._filters(query, len(consumed)):
+                # The retriever filters by its own rule (libreco's: only while n plus the
+                # consumed items fit in the catalogue), which at K items may keep them.
+                rows = rows[~np.isin(rows, consumed)]
+            found.append(rows)
+        return found
+
+    def _retrieve_own(
+        self, user: int, query: RecommendQuery, terms: _UserTerms
+    ) -> npt.NDArray[np.int64]:
+        """The top candidates by the linear and FM terms alone (the MLP left out): one
+        product of the user's FM vector with every item's summed field embeddings."""
+        shallow = self._item_fields_sum @ terms.fm
+        shallow += self._item_constant
+        consumed = self._user_consumed.get(user, ())
+        if self._filters(query, len(consumed)):
+            shallow[consumed] = -np.inf
+        if query.exclude:
+            shallow[[self._item2id[i] for i in query.exclude if i in self._item2id]] = -np.inf
+        k = min(self._candidates, self.n_items)
+        top = np.argpartition(shallow, -k)[-k:]
+        return top[shallow[top] > -np.inf]
 
     def _scores(self, users: npt.NDArray[np.int64]) -> Float32Array:
         scores = np.empty((len(users), self.n_items), dtype=np.float32)
