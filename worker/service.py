@@ -40,6 +40,7 @@ from uro_recs.worker.engine import (
     RecommendQuery,
     UnknownItem,
     Unsupported,
+    return_free_memory,
 )
 from uro_recs.worker.loop import Job, WorkerLoop, one_line
 from uro_recs.worker.metrics import WorkerMetrics
@@ -165,6 +166,8 @@ class WorkerService(WorkerLoop):
             previous=previous.version,
             version=self.engine.version,
         )
+        del previous
+        return_free_memory()  # what the previous version held
 
     # --- execution --------------------------------------------------------------------------
 
