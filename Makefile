@@ -73,6 +73,7 @@ bench-smoke: install elixir-check
 	$(BIN)/python -m perf.bench --smoke --out build/bench-smoke
 	$(BIN)/python -m perf.ingest_bench --events 2000 --sizes 1,100
 	$(BIN)/python -m perf.elixir_bench --smoke --json build/elixir-bench-smoke.json
+	$(BIN)/python -m perf.two_stage --catalogue demo --candidates 50,200 --users 30
 
 # The Elixir client next to the Python SDK, taking turns on one broker (about 90 s).
 bench-elixir: install elixir-check

@@ -53,7 +53,8 @@ def served(root: Path, store: Path, mix: RequestMix, options: str, label: str) -
         min_samples=1000, smoke=False, default_threads=False,
     )  # fmt: skip
     root.mkdir(parents=True)
-    with bench.uro_recs_server(root, store, "deepfm", 1, options) as (endpoint, _):
+    with bench.uro_recs_server(root, store, "deepfm", 1, options) as (endpoint, serve):
+        (memory,) = bench.worker_memory(serve.pid)
         steps = bench.sweep(
             lambda rate, seconds: zmq_open_loop(endpoint, "deepfm", mix, rate, seconds, label),
             plan,
@@ -63,7 +64,8 @@ def served(root: Path, store: Path, mix: RequestMix, options: str, label: str) -
     half = next((s for s in steps if s.get("half_of_best")), None)
     half_p99 = f"{half['p99_ms']:.2f} ms" if half else "-"
     print(
-        f"  {label}: highest rate with p99 <= 10 ms {best:.0f}/s; p99 at half of it {half_p99}",
+        f"  {label}: highest rate with p99 <= 10 ms {best:.0f}/s; p99 at half of it {half_p99};"
+        f" worker PSS {memory['pss_kib'] / 1024:.0f} MiB",
         flush=True,
     )
 
