@@ -245,8 +245,9 @@ class DeepFMEngine(NumpyEngine):
         if query.exclude:
             shallow[[self._item2id[i] for i in query.exclude if i in self._item2id]] = -np.inf
         k = min(self._candidates, self.n_items)
-        top = np.argpartition(shallow, -k)[-k:]
-        return top[shallow[top] > -np.inf]
+        top: npt.NDArray[np.int64] = np.argpartition(shallow, -k)[-k:]
+        kept: npt.NDArray[np.int64] = top[shallow[top] > -np.inf]
+        return kept
 
     def _scores(self, users: npt.NDArray[np.int64]) -> Float32Array:
         scores = np.empty((len(users), self.n_items), dtype=np.float32)
