@@ -142,7 +142,9 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
                 )
             retriever = None
             if model.retrieve_from != OWN_FM:
-                retriever = load_engine(config.store, model.retrieve_from, threads=1)
+                retriever = load_engine(
+                    config.store, model.retrieve_from, threads=config.worker.threads
+                )
             engine.retrieve_with(retriever, model.candidates)
         engine.warm_up()
         return engine

@@ -632,13 +632,10 @@ def parse_packed(command: int, frames: list[bytes]) -> list[tuple[int, int, byte
         raise ProtocolError(ErrorCode.BAD_REQUEST, message)
     packed = []
     for index in range(0, len(frames), 2):
-        header = frames[index]
-        if len(header) != _HEADER.size:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "not a URW1 worker-protocol header")
-        magic, header_command, seq, deadline_us = _HEADER.unpack(header)
-        if magic != WORKER_PROTOCOL or header_command != command:
+        header = parse_worker_header(frames[index])
+        if header.command != command:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "a packed header of another command")
-        packed.append((seq, deadline_us, frames[index + 1]))
+        packed.append((header.seq, header.deadline_us, frames[index + 1]))
     return packed
 
 

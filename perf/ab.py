@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -117,15 +116,7 @@ def in_process_cpu(store: Path, mix: RequestMix, seconds: float) -> float | None
 
 
 def spread(values: list[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    return f"{statistics.median(present):.3f} [{min(present):.3f}-{max(present):.3f}]"
-
-
-def median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+    return bench.shown(bench.spread(values), ".3f")
 
 
 def main() -> int:
@@ -171,8 +162,11 @@ def main() -> int:
         base, this = rows[f"base {workers}w"], rows[f"this {workers}w"]
         print(f"\n{workers} worker(s)          {'base':>24} {'this':>24}   ratio")
         for key, label in FIGURES.items():
-            a, b = median([r[key] for r in base]), median([r[key] for r in this])
-            ratio = f"{b / a:.2f}" if a and b else "-"
+            before, after = (
+                bench.spread([r[key] for r in base]),
+                bench.spread([r[key] for r in this]),
+            )
+            ratio = bench.times(bench.ratio(after, before))
             print(
                 f"  {label:<36} {spread([r[key] for r in base]):>24}"
                 f" {spread([r[key] for r in this]):>24}   {ratio}"

@@ -50,7 +50,7 @@ from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 from uro_recs.core.config import OWN_FM
 from uro_recs.core.model_store import MODEL_FILE_STEM, Manifest, StoreCorrupt
 from uro_recs.worker.engine import Engine, Id, RecommendQuery
-from uro_recs.worker.numpy_engine import NumpyEngine, SavedData, read_saved_data
+from uro_recs.worker.numpy_engine import NumpyEngine, SavedData, read_saved_data, top_columns
 
 log = structlog.get_logger(__name__)
 
@@ -239,13 +239,8 @@ class DeepFMEngine(NumpyEngine):
         product of the user's FM vector with every item's summed field embeddings."""
         shallow = self._item_fields_sum @ terms.fm
         shallow += self._item_constant
-        consumed = self._user_consumed.get(user, ())
-        if self._filters(query, len(consumed)):
-            shallow[consumed] = -np.inf
-        if query.exclude:
-            shallow[[self._item2id[i] for i in query.exclude if i in self._item2id]] = -np.inf
-        k = min(self._candidates, self.n_items)
-        top: npt.NDArray[np.int64] = np.argpartition(shallow, -k)[-k:]
+        self._mask_unwanted(shallow, user, query)
+        top = top_columns(shallow[np.newaxis], min(self._candidates, self.n_items))[0]
         kept: npt.NDArray[np.int64] = top[shallow[top] > -np.inf]
         return kept
 

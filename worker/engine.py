@@ -15,7 +15,6 @@ none of them, so choosing is cheap.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -303,9 +302,7 @@ def return_free_memory() -> None:
     million Python ints on the way to numpy arrays); glibc keeps the pages they leave behind,
     and on a 48k-item DeepFM that was 18 MiB of every worker's resident memory.
     """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
     if trim is not None:
         trim(0)
 

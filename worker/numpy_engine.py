@@ -127,12 +127,7 @@ class NumpyEngine(Engine):
         scores = self._scores(inner)
         need = 1
         for row, (_, user, query) in enumerate(chunk):
-            consumed = self._user_consumed.get(user, ())
-            if self._filters(query, len(consumed)):
-                scores[row, consumed] = -np.inf
-            if query.exclude:
-                excluded = [self._item2id[i] for i in query.exclude if i in self._item2id]
-                scores[row, excluded] = -np.inf
+            self._mask_unwanted(scores[row], user, query)
             need = max(need, query.n)
         top = top_columns(scores, need)
         top_scores = np.take_along_axis(scores, top, axis=1)
@@ -144,6 +139,17 @@ class NumpyEngine(Engine):
             keep = ranked[row, : query.n][ranked_scores[row, : query.n] > -np.inf]
             answers.append(self._item_array[keep].tolist())
         return answers
+
+    def _mask_unwanted(
+        self, scores: npt.NDArray[np.float32], user: int, query: RecommendQuery
+    ) -> None:
+        """Set to -inf, in one user's scores of every item, what `query` must not return: the
+        user's consumed items (where libreco filters them) and the excluded ones."""
+        consumed = self._user_consumed.get(user, ())
+        if self._filters(query, len(consumed)):
+            scores[consumed] = -np.inf
+        if query.exclude:
+            scores[[self._item2id[i] for i in query.exclude if i in self._item2id]] = -np.inf
 
     def _known_items(self, items: Sequence[Id]) -> tuple[list[int], npt.NDArray[np.int64]]:
         """Positions in `items` that the model knows, and their inner ids."""
