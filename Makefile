@@ -74,6 +74,7 @@ bench-smoke: install elixir-check
 	$(BIN)/python -m perf.ingest_bench --events 2000 --sizes 1,100
 	$(BIN)/python -m perf.elixir_bench --smoke --json build/elixir-bench-smoke.json
 	$(BIN)/python -m perf.two_stage --catalogue demo --candidates 50,200 --users 30
+	$(BIN)/python -m perf.ladder --seconds 0.5 --rounds 1
 
 # The Elixir client next to the Python SDK, taking turns on one broker (about 90 s).
 bench-elixir: install elixir-check
