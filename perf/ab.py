@@ -162,14 +162,11 @@ def main() -> int:
         base, this = rows[f"base {workers}w"], rows[f"this {workers}w"]
         print(f"\n{workers} worker(s)          {'base':>24} {'this':>24}   ratio")
         for key, label in FIGURES.items():
-            before, after = (
-                bench.spread([r[key] for r in base]),
-                bench.spread([r[key] for r in this]),
-            )
-            ratio = bench.times(bench.ratio(after, before))
+            before = bench.spread([r[key] for r in base])
+            after = bench.spread([r[key] for r in this])
             print(
-                f"  {label:<36} {spread([r[key] for r in base]):>24}"
-                f" {spread([r[key] for r in this]):>24}   {ratio}"
+                f"  {label:<36} {bench.shown(before, '.3f'):>24}"
+                f" {bench.shown(after, '.3f'):>24}   {bench.times(bench.ratio(after, before))}"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"floor_p50_ms": floors, "in_process_cpu_ms": in_process, "rounds": rows}

@@ -257,6 +257,14 @@ def worker_memory(serve_pid: int) -> list[dict[str, int]]:
     return [memory_kib(pid) for pid in workers]
 
 
+def server_config(run_dir: Path, store: Path, model: str, workers: int) -> str:
+    """The benchmark's uro-recs config: one model, one BLAS thread and 64 slots per worker."""
+    return (
+        f'run_dir = "{run_dir.absolute()}"\nstore = "{store.absolute()}"\nlog_format = "json"\n'
+        f'[worker]\nthreads = 1\nslots = 64\n[[models]]\nname = "{model}"\nworkers = {workers}\n'
+    )
+
+
 @contextmanager
 def uro_recs_server(
     root: Path, store: Path, model: str, workers: int, model_options: str = ""
@@ -264,11 +272,7 @@ def uro_recs_server(
     """`uro-recs serve` of one model; `model_options` are TOML lines for its [[models]] table."""
     run_dir = root / "run"
     config = root / f"uro-recs-{model}-{workers}.toml"
-    config.write_text(
-        f'run_dir = "{run_dir.absolute()}"\nstore = "{store.absolute()}"\nlog_format = "json"\n'
-        f'[worker]\nthreads = 1\nslots = 64\n[[models]]\nname = "{model}"\nworkers = {workers}\n'
-        + model_options
-    )
+    config.write_text(server_config(run_dir, store, model, workers) + model_options)
     endpoint = f"ipc://{run_dir.absolute() / 'client.sock'}"
     process = start_serving(config, quiet=True)
     try:

@@ -14,8 +14,9 @@ that piece costs on this machine now:
   5. broker + real worker, SDK: what a Python caller sees.
 
 In this process, for comparison: the model call alone (the engine the worker serves) and
-the worker's own work on one request (decode, model call, encode), so that rung 4's step
-splits into that work and the rest (the worker loop and its socket). Every rung runs once per
+the worker's own work on one request (decode, model call, encode; the request's own encoding,
+a few microseconds, is timed with it), so that rung 4's step splits into that work and the
+rest (the worker loop, its socket, and caches gone cold between requests). Every rung runs once per
 round; rounds interleave; the table gives medians and ranges of the rounds' p50s.
 
     python -m perf.ladder [--catalogue demo] [--model als] [--seconds 3] [--rounds 3]
@@ -44,18 +45,18 @@ import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
 from perf import floor  # noqa: E402
-from perf.bench import prepare_store, shown, spread  # noqa: E402
+from perf.bench import prepare_store, server_config, shown, spread  # noqa: E402
 from perf.loadgen import RequestMix, RunResult, sequential  # noqa: E402
 from uro_recs.app.demo import wait_ready  # noqa: E402
 from uro_recs.core import protocol  # noqa: E402
+from uro_recs.core.config import BrokerConfig  # noqa: E402
 from uro_recs.core.model_store import list_versions  # noqa: E402
 from uro_recs.sdk import Client  # noqa: E402
-from uro_recs.worker.engine import RecommendQuery, load_engine  # noqa: E402
+from uro_recs.worker.engine import Engine, RecommendQuery, load_engine  # noqa: E402
 
 N = 10
-TIMEOUT_MS = 5000
-MAX_MESSAGE_BYTES = 1 << 20
-HEARTBEAT_S = 1.0
+BROKER = BrokerConfig()  # the defaults the broker runs with here
+HEARTBEAT_S = BROKER.heartbeat_ms / 1000  # silent for `liveness` of these, a worker is dead
 
 
 def serve_echo_worker(endpoint: str, model: str, version: str) -> None:
@@ -94,11 +95,7 @@ class Setup:
     def __init__(self, store: Path, model: str) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="ladder-"))
         self.config = self.root / "uro-recs.toml"
-        self.config.write_text(
-            f'run_dir = "{self.root / "run"}"\nstore = "{store.absolute()}"\n'
-            'log_format = "json"\n[worker]\nthreads = 1\nslots = 64\n'
-            f'[[models]]\nname = "{model}"\nworkers = 1\n'
-        )
+        self.config.write_text(server_config(self.root / "run", store, model, 1))
         self.client_endpoint = f"ipc://{self.root / 'run' / 'client.sock'}"
         self.workers_endpoint = f"ipc://{self.root / 'run' / 'workers.sock'}"
         self.model = model
@@ -159,7 +156,7 @@ def raw_client(endpoint: str, model: str, mix: RequestMix, seconds: float, name:
 
 
 def sdk_client(endpoint: str, model: str, mix: RequestMix, seconds: float, name: str) -> RunResult:
-    with Client(endpoint, model=model, timeout=TIMEOUT_MS / 1000) as client:
+    with Client(endpoint, model=model, timeout=BROKER.default_timeout_ms / 1000) as client:
         return timed(lambda user: client.recommend(user, n=N), mix, seconds, name)
 
 
@@ -168,17 +165,18 @@ def timed(call: Callable[[str], object], mix: RequestMix, seconds: float, name: 
     return sequential(call, mix, seconds, name)
 
 
-def in_process(store: Path, model: str, mix: RequestMix, seconds: float) -> list[RunResult]:
+def in_process(engine: Engine, mix: RequestMix, seconds: float) -> list[RunResult]:
     """The served engine's model call alone, and with the worker's decoding and encoding."""
-    engine = load_engine(store, model, threads=1)
     ids = itertools.count()
+    timeout_ms = BROKER.default_timeout_ms
 
     def model_call(user: str) -> object:
         return engine.recommend_batch([RecommendQuery(user, N)])
 
     def worker_work(user: str) -> bytes:
-        body = protocol.encode_request(next(ids), "recommend", model, {"user": user, "n": N}, 5000)
-        request = protocol.decode_request(body, MAX_MESSAGE_BYTES)
+        args = {"user": user, "n": N}
+        body = protocol.encode_request(next(ids), "recommend", engine.name, args, timeout_ms)
+        request = protocol.decode_request(body, BROKER.max_message_bytes)
         [answer] = engine.recommend_batch([RecommendQuery(user, N)])
         result = {"user": user, "items": answer.items, "cold_start": answer.cold_start}
         return protocol.encode_ok(request.id, result)
@@ -226,11 +224,12 @@ def main() -> None:
     store, data = prepare_store(args.dir, args.catalogue, [args.model])
     mix = RequestMix(known_users=sorted(set(data["user"])))
     setup = Setup(store, args.model)
+    engine = load_engine(store, args.model, threads=1)
     rounds: list[dict[str, float]] = []
     try:
         for number in range(args.rounds):
             p50 = one_round(setup, mix, args.seconds)
-            for result in in_process(store, args.model, mix, args.seconds):
+            for result in in_process(engine, mix, args.seconds):
                 p50[result.system] = result.summary()["p50_ms"]
             rounds.append(p50)
             print(f"round {number + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in p50.items()))
@@ -249,7 +248,7 @@ def print_table(rounds: list[dict[str, Any]]) -> None:
         step = "" if previous is None else f"{figure['median'] - previous:+.3f}"
         print(f"  {name:<44}{shown(figure, '.3f'):>24}{step:>10}")
         previous = figure["median"]
-    for name in set(medians) - set(RUNGS) - {"echo (1 hop)"}:
+    for name in (n for n in medians if n not in RUNGS and n != "echo (1 hop)"):
         print(f"  {name:<44}{shown(medians[name], '.3f'):>24}")
     work = medians["decode + model call + encode (in process)"]
     echo_raw, real_raw = medians[RUNGS[1]], medians[RUNGS[3]]
