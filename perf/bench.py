@@ -10,7 +10,9 @@ For each catalogue and model, on the same saved model version and the same reque
   - FastAPI: uvicorn with 1 and with 2 worker processes, each holding the model, an
     `async def` handler calling libreco's `recommend_user` (perf/fastapi_app.py), JSON over
     HTTP; with --default-threads once more with the libraries' default thread pools;
-  - uro-recs with 1 and with 2 workers, through the broker over IPC.
+  - uro-recs with 1 and with 2 workers, through the broker over IPC; for DeepFM also 1 worker
+    serving it two-stage (its own FM terms retrieve 500 candidates, the whole model ranks
+    them), with that ranking's recall@10 against full ranking for a sample of users.
 Each server gets an open-loop rate sweep (Poisson arrivals, latency from the intended send
 time; each step at least --step-s seconds and 1,000 requests); the result is the highest rate
 whose p99 stays at or under 10 ms with no errors (bisected three times at the edge), and
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -63,14 +66,20 @@ from perf.loadgen import (  # noqa: E402
     zmq_open_loop,
 )
 from uro_recs.app.demo import start_serving, wait_ready  # noqa: E402
+from uro_recs.core.config import OWN_FM  # noqa: E402
 from uro_recs.core.model_store import list_versions  # noqa: E402
+from uro_recs.core.run_lock import recorded_pid  # noqa: E402
 from uro_recs.pipeline.demo_data import make_interactions  # noqa: E402
 from uro_recs.pipeline.training import train_and_save  # noqa: E402
 from uro_recs.sdk import Client  # noqa: E402
+from uro_recs.worker.deepfm_engine import DeepFMEngine  # noqa: E402
 from uro_recs.worker.engine import load_engine  # noqa: E402
 from uro_recs.worker.libreco_engine import LibrecoEngine  # noqa: E402
 
 IN_PROCESS: Final = "in-process libreco"
+TWO_STAGE: Final = "uro-recs 1 worker, two-stage"
+TWO_STAGE_CANDIDATES: Final = 500
+TWO_STAGE_OPTIONS: Final = f'retrieve_from = "{OWN_FM}"\ncandidates = {TWO_STAGE_CANDIDATES}\n'
 
 P99_BUDGET_MS = 10.0
 SATURATION_IN_FLIGHT = 64
@@ -280,6 +289,13 @@ def uro_recs_server(
             wait_ready(client, [model])
             while sum(m.workers for m in client.info() if m.name == model) < workers:
                 time.sleep(0.1)
+        # A broker answered: it must be ours, not one a concurrent benchmark left on run_dir.
+        holder = recorded_pid(run_dir)
+        if holder not in process_tree(process.pid):
+            raise RuntimeError(
+                f"another broker (pid {holder}) serves {run_dir}: is another benchmark running"
+                f" with --dir {root}?"
+            )
         yield endpoint, process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -318,9 +334,20 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
             ("fastapi default threads", partial(fastapi_run, store, model, mix, plan, 1, threads))
         )
     servers += [
-        ("uro-recs 1 worker", partial(uro_recs_run, root, store, model, mix, plan, 1)),
-        ("uro-recs 2 workers", partial(uro_recs_run, root, store, model, mix, plan, 2)),
+        ("uro-recs 1 worker", partial(uro_recs_run, root, store, model, mix, plan, 1, "")),
+        ("uro-recs 2 workers", partial(uro_recs_run, root, store, model, mix, plan, 2, "")),
     ]
+    recall = None
+    if model == "deepfm" and not plan.smoke:
+        recall = two_stage_recall(store, mix.known_users, mix.n)
+        print(
+            f"  two-stage ({OWN_FM}, K={TWO_STAGE_CANDIDATES}) recall@{mix.n} against full"
+            f" ranking: mean {recall['mean']:.3f}, worst user {recall['worst']:.2f}"
+            f" ({recall['users']} users); one call in this process, p50: full ranking"
+            f" {recall['full_p50_ms']:.3f} ms, two-stage {recall['two_stage_p50_ms']:.3f} ms"
+        )
+        two_stage = partial(uro_recs_run, root, store, model, mix, plan, 1, TWO_STAGE_OPTIONS)
+        servers.append((TWO_STAGE, two_stage))
     in_process_runs: list[dict[str, Any]] = []
     floors: list[list[dict[str, Any]]] = []
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
@@ -344,6 +371,46 @@ def bench_model(root: Path, catalogue: str, model: str, plan: Plan) -> dict[str,
         "zmq_floor": floors,
         "in_process": in_process_runs,
         "runs": runs,
+        "two_stage_recall": recall,
+    }
+
+
+def two_stage_recall(
+    store: Path,
+    known_users: list[str],
+    n: int,
+    candidates: int = TWO_STAGE_CANDIDATES,
+    sample: int = 300,
+) -> dict[str, Any]:
+    """The share of full ranking's top n that DeepFM served two-stage (OWN_FM retrieving
+    `candidates`) also returns, for a fixed sample of known users, in this process: the mean
+    and the worst user's; and the p50 of each engine's call, the two taking turns per user
+    (what a worker's model call costs, without the hops)."""
+    full = load_engine(store, "deepfm", threads=1)
+    staged = load_engine(store, "deepfm", threads=1)
+    assert isinstance(full, DeepFMEngine) and isinstance(staged, DeepFMEngine)
+    staged.retrieve_with(None, candidates)
+    users = random.Random(5).sample(known_users, min(sample, len(known_users)))
+    full.recommend(users[:5], n, True)  # warm-up, not counted
+    staged.recommend(users[:5], n, True)
+    recalls, full_ms, staged_ms = [], [], []
+    for user in users:
+        started = time.perf_counter()
+        (reference,) = full.recommend([user], n, True)
+        full_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        (answer,) = staged.recommend([user], n, True)
+        staged_ms.append((time.perf_counter() - started) * 1000)
+        if reference.items:
+            recalls.append(len(set(answer.items) & set(reference.items)) / len(reference.items))
+    return {
+        "retrieve_from": OWN_FM,
+        "candidates": candidates,
+        "users": len(recalls),
+        "mean": statistics.mean(recalls),
+        "worst": min(recalls),
+        "full_p50_ms": statistics.median(full_ms),
+        "two_stage_p50_ms": statistics.median(staged_ms),
     }
 
 
@@ -379,10 +446,11 @@ def uro_recs_run(
     mix: RequestMix,
     plan: Plan,
     workers: int,
+    model_options: str,
     name: str,
     first_rate: float,
 ) -> dict[str, Any]:
-    with uro_recs_server(root, store, model, workers) as (endpoint, serve):
+    with uro_recs_server(root, store, model, workers, model_options) as (endpoint, serve):
         # One request at a time through the SDK, measured like the in-process baseline.
         with Client(endpoint, model=model, timeout=5.0) as client:
             unloaded = sequential(
@@ -564,17 +632,17 @@ def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> float | Non
 def print_table(rows: list[dict[str, Any]], repeats: int, cpu_rate: float) -> None:
     print(f"\nmedian [min-max] of {repeats} round(s); ratios of medians")
     print(
-        f"{'catalogue':<10}{'model':<8}{'system':<24}{'max rate/s p99<=10ms':>26}"
-        f"{'xFastAPI':>9}{'xin-proc':>9}{'p50 unloaded ms':>22}{'p99 @ half ms':>20}"
+        f"{'catalogue':<10}{'model':<8}{'system':<30}{'max rate/s p99<=10ms':>26}"
+        f"{'xFastAPI':>9}{'xin-proc':>9}{'p50 unloaded ms':>24}{'p99 @ half ms':>20}"
         f"{'saturated/s':>22}{'xFastAPI':>9}{'PSS MiB':>9}"
         f"{f'CPU ms/req @{cpu_rate:.0f}/s':>24}{'xin-proc':>9}{'CPU ms/req @edge':>24}"
     )
     for row in rows:
         print(
-            f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<24}"
+            f"{row['catalogue']:<10}{row['model']:<8}{row['system']:<30}"
             f"{max_rate_shown(row['max_rate']):>26}{times(row['max_rate_vs_fastapi']):>9}"
             f"{times(row['max_rate_vs_in_process']):>9}"
-            f"{shown(row['p50_unloaded_ms'], '.3f'):>22}{shown(row['p99_at_half_ms'], '.1f'):>20}"
+            f"{shown(row['p50_unloaded_ms'], '.3f'):>24}{shown(row['p99_at_half_ms'], '.1f'):>20}"
             f"{shown(row['saturated_rate'], '.0f'):>22}{times(row['saturated_rate_vs_fastapi']):>9}"
             f"{shown(row['pss_mib'], '.0f', spread_too=False):>9}"
             f"{shown(row['cpu_ms_fixed'], '.3f'):>24}{times(row['cpu_ms_fixed_vs_in_process']):>9}"
@@ -664,6 +732,12 @@ def main() -> int:
             f"ZeroMQ floor during {result['catalogue']} {result['model']}, one request at a time: "
             + ", ".join(f"{system} p50 {shown(p50, '.3f')} ms" for system, p50 in p50s.items())
         )
+        if recall := result.get("two_stage_recall"):
+            print(
+                f"{TWO_STAGE} on {result['catalogue']}: {recall['retrieve_from']} retrieves"
+                f" {recall['candidates']}, recall@10 against full ranking {recall['mean']:.3f}"
+                f" (worst user {recall['worst']:.2f}, {recall['users']} users)"
+            )
     chart(report, args.out / f"{name}.png")
     print(f"\nwrote {args.out / name}.json and .png")
     return 0

@@ -26,6 +26,7 @@ NAMES = {
     "fastapi default threads": "FastAPI, default threads",
     "uro-recs 1 worker": "uro-recs, 1 worker",
     "uro-recs 2 workers": "uro-recs, 2 workers",
+    "uro-recs 1 worker, two-stage": "uro-recs, 1 worker, two-stage (@fm, K=500)",
 }
 COLORS = {
     IN_PROCESS: "black",
@@ -34,6 +35,7 @@ COLORS = {
     "fastapi default threads": "C4",
     "uro-recs 1 worker": "C2",
     "uro-recs 2 workers": "C3",
+    "uro-recs 1 worker, two-stage": "C5",
 }
 # Where a max-rate label may go, tried in turn: offset from its point (points), alignment.
 LABEL_SPOTS = [(12, 0, "left", "center"), (-12, 0, "right", "center")] + [

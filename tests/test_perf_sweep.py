@@ -1,12 +1,14 @@
-"""The benchmark's rate sweep, against a fake server with a known capacity."""
+"""The benchmark's rate sweep, against a fake server with a known capacity; its two-stage
+recall, against the trained demo DeepFM."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from perf.bench import Plan, best_rate, sweep
+from perf.bench import Plan, best_rate, sweep, two_stage_recall
 from perf.loadgen import RunResult
 
 PLAN = Plan(
@@ -109,3 +111,16 @@ def test_the_summary_gives_medians_and_ranges_of_the_rounds_and_ratios_to_the_be
     assert uro["saturated_rate_vs_fastapi"] == 6.0
     assert rows["fastapi"]["max_rate"] == {"median": 500.0, "min": 500.0, "max": 500.0}
     assert rows["fastapi 2 workers"]["pss_mib"] == {"median": 2.0, "min": 2.0, "max": 2.0}
+
+
+def test_two_stage_recall_is_whole_with_every_item_a_candidate_and_less_with_few(
+    trained_store: Path, demo_users: list[str]
+) -> None:
+    every_item = 1_000_000  # more than the demo catalogue holds
+    whole = two_stage_recall(trained_store, demo_users, 10, candidates=every_item, sample=50)
+    few = two_stage_recall(trained_store, demo_users, 10, candidates=12, sample=50)
+    assert whole["users"] == few["users"] == 50
+    # Full ranking again, up to libreco's float32 near-ties at the 10th place.
+    assert whole["mean"] >= 0.99
+    assert few["mean"] < whole["mean"]
+    assert few["worst"] <= few["mean"] <= 1.0
