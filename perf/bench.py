@@ -402,7 +402,7 @@ def two_stage_recall(
         (answer,) = staged.recommend([user], n, True)
         staged_ms.append((time.perf_counter() - started) * 1000)
         if reference.items:
-            recalls.append(len(set(answer.items) & set(reference.items)) / len(reference.items))
+            recalls.append(recall_of(answer.items, reference.items))
     return {
         "retrieve_from": OWN_FM,
         "candidates": candidates,
@@ -412,6 +412,11 @@ def two_stage_recall(
         "full_p50_ms": statistics.median(full_ms),
         "two_stage_p50_ms": statistics.median(staged_ms),
     }
+
+
+def recall_of(answer: list[Any], reference: list[Any]) -> float:
+    """The share of `reference` (full ranking's top n) that `answer` also returns."""
+    return len(set(answer) & set(reference)) / len(reference)
 
 
 def fastapi_run(

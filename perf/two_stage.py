@@ -103,9 +103,7 @@ def main() -> int:
             staged.retrieve_with(None if source == OWN_FM else load_engine(store, source), k)
             staged.recommend(users[:5], N, True)
             answers, times = per_call_ms(staged.recommend, users)
-            recalls = [
-                len(set(a) & set(r)) / len(r) for a, r in zip(answers, reference, strict=True) if r
-            ]
+            recalls = [bench.recall_of(a, r) for a, r in zip(answers, reference, strict=True) if r]
             p50 = statistics.median(times)
             print(
                 f"{f'{source}, K={k}':<22} {statistics.mean(recalls):>10.3f} {min(recalls):>6.2f}"
